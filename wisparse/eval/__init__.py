@@ -1,0 +1,1 @@
+"""Measurements: perplexity, realised sparsity, result cache, report tables."""

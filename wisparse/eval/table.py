@@ -1,0 +1,98 @@
+"""The perplexity table: dense plus methods x modes x levels, calibrated once, cached row by row."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from wisparse.calibrate import collect_stats
+from wisparse.config import projection_numels
+from wisparse.data import role_windows
+from wisparse.eval.cache import ResultCache
+from wisparse.eval.perplexity import perplexity
+from wisparse.sparsify import sparsify_, unsparsify_
+
+
+def fingerprint_summary(model: nn.Module) -> str:
+    return f"{model.config.model_type}/{model.config.num_hidden_layers}L/{model.config.hidden_size}"
+
+
+def ppl_table(
+    model: nn.Module,
+    tokenizer,
+    runs: list[tuple[str, str, float]],
+    *,
+    data_dir: str | None,
+    eval_windows: int,
+    calib_windows: int,
+    window_len: int = 2048,
+    selection_windows: int = 4,
+    alpha_search: str = "block",
+    sequential: bool = True,
+    positions: float = 1.0,
+    cache: ResultCache | None = None,
+    progress: bool = True,
+    log=print,
+) -> list[dict]:
+    """One row per (method, mode, sparsity) of `runs` (method "dense" for the dense model)."""
+    from wisparse import bos_id, calibrate
+
+    cache = cache or ResultCache(None)
+    bos = bos_id(model, tokenizer)
+    evaluation = role_windows("evaluation", tokenizer, window_len, eval_windows, data_dir, bos)
+    numels = projection_numels(model)
+    down_share = sum(v for k, v in numels.items() if k.endswith("down_proj")) / sum(numels.values())
+    setting = dict(model=fingerprint_summary(model), dtype=str(next(model.parameters()).dtype),
+                   eval_windows=len(evaluation), window_len=window_len, calib_windows=calib_windows,
+                   selection_windows=selection_windows, alpha_search=alpha_search, sequential=sequential,
+                   positions=positions)
+    stats = calib = selection = None
+    rows = []
+    for method, mode, sparsity in runs:
+        spec = dict(setting, method=method, mode=mode, sparsity=sparsity)
+        row = cache.get(spec)
+        if row is None:
+            start = time.perf_counter()
+            config = None
+            if method != "dense":
+                if stats is None:
+                    calib = role_windows("calibration", tokenizer, window_len, calib_windows, data_dir, bos)
+                    selection = role_windows("selection", tokenizer, window_len, selection_windows, data_dir, bos)
+                    stats = collect_stats(model, calib, progress=progress)
+                config = calibrate(model, tokenizer, method, sparsity, mode, data_dir=data_dir,
+                                   calib_windows=calib_windows, window_len=window_len,
+                                   selection_windows=selection_windows, alpha_search=alpha_search,
+                                   sequential=sequential, positions=positions, stats=stats, calib_tokens=calib,
+                                   selection_tokens=selection, progress=progress)
+                sparsify_(model, config)
+            calib_seconds = time.perf_counter() - start
+            result = perplexity(model, evaluation, progress=progress)
+            unsparsify_(model)
+            realised = result["sparsity"].get("model", 0.0)
+            row = {
+                "method": method, "mode": mode if method != "dense" else "-",
+                "allocation": "uniform" if method != "dense" else "-",
+                "sparsity_nominal": sparsity, "sparsity_realised": round(realised, 4),
+                "ppl": round(result["ppl"], 3), "eval_windows": result["windows"],
+                "eval_tokens": result["tokens"],
+                "calib_tokens": 0 if config is None else calib_windows * window_len,
+                "calib_seconds": round(calib_seconds, 1), "eval_seconds": round(result["seconds"], 1),
+                "by_site": {k: round(v, 3) for k, v in result["sparsity"].get("by_site", {}).items()},
+                "positions": "all" if positions >= 1 else f"last {positions:.0%}",
+            }
+            if method == "cats":
+                row["sparsity_nominal_intermediate"] = sparsity
+                row["sparsity_nominal"] = round(sparsity * down_share, 4)
+                row["sparsity_model_cats"] = f"{sparsity:.2f} of MLP intermediate = {sparsity * down_share:.3f} model"
+            if config is not None and method == "wisparse":
+                alphas = config.selection.get("block_alphas", [])
+                row["alpha"] = "global " + str(config.selection.get("global_best")) + (
+                    f", {len(config.selection.get('block_changes', []))} block changes" if alphas else "")
+                row["alpha_blocks"] = alphas
+                row["selection_seconds"] = config.selection.get("seconds")
+            cache.put(spec, row)
+        log(f"{row['method']:9s} {row['mode']:9s} nominal {row['sparsity_nominal']:.3f} "
+            f"realised {row['sparsity_realised']:.3f} ppl {row['ppl']:.3f}")
+        rows.append(row)
+    return rows
