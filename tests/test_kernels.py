@@ -1,0 +1,199 @@
+"""Sparse GEMV and decode kernels: CPU reference path, custom-op tracing, Triton interpreter, and (gpu) Triton."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from wisparse.kernels import GemvConfig, reference_sparse_gemv, sparse_linear
+from wisparse.kernels.ops import get_config, reference_partials
+from wisparse.sparse_linear import SparseLinear
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _case(K, widths, B, sparsity, dtype, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    scale = torch.rand(K, generator=g, device=device) + 0.5
+    x = (torch.randn(B, K, generator=g, device=device) * scale).to(dtype)
+    wt = (torch.randn(K, sum(widths), generator=g, device=device) * 0.1).to(dtype)
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + sparsity / 2)).item() if sparsity > 0 else -1
+    t = (scale * z).expand(len(widths), K).contiguous() * (torch.rand(len(widths), K, generator=g, device=device) + 0.5)
+    return x, wt, t.float()
+
+
+def _ref64(x, wt, t, widths, dense=False):
+    return reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dense=dense, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("widths", [[48], [40, 24], [64, 16, 16]])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_cpu_op_matches_float64(B, widths, sparsity):
+    x, wt, t = _case(200, widths, B, sparsity, torch.float32, seed=B + len(widths))
+    out = torch.ops.wisparse.sparse_gemv(x, wt, t, widths, False)
+    assert out.dim() == 3 and out.shape[1:] == (B, sum(widths))
+    ref = _ref64(x, wt, t, widths)
+    assert ((out.sum(0).double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_cpu_partials_layout_and_dense():
+    x, wt, t = _case(300, [32, 32], 2, 0.5, torch.float32)
+    kr = get_config(300, 64, 2).kr
+    p = reference_partials(x, wt, t, [32, 32], True, kr)
+    assert p.shape[0] == math.ceil(300 / kr)
+    ref = _ref64(x, wt, t, [32, 32], dense=True)
+    assert torch.allclose(p.sum(0).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_linear_matches_sparselinear_module():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=True)
+    mod = SparseLinear(lin)
+    thr = torch.rand(96) * 0.8
+    mod.set_threshold(thr)
+    x = torch.randn(5, 96)
+    want = mod(x)
+    got = sparse_linear(x, lin.weight.t().contiguous(), thr[None].float(), [40], bias=lin.bias)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_compile_fullgraph_traces_op():
+    x, wt, t = _case(128, [32, 16], 2, 0.5, torch.float32)
+
+    def f(x):
+        return torch.ops.wisparse.sparse_gemv(x, wt, t, [32, 16], False).sum(0).relu()
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert torch.allclose(got, f(x))
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+INTERP = textwrap.dedent("""
+    import torch, sys
+    from wisparse.kernels.interpreter import patch_interpreter
+    patch_interpreter()
+    from wisparse.kernels.sparse_gemv import GemvConfig, launch_sparse_gemv, reference_sparse_gemv
+    from wisparse.kernels import decode_ops as ops
+    torch.manual_seed(0)
+    worst = 0.0
+    for (B, K, widths, dense, cfg, dt) in [
+            (1, 300, [64, 32, 32], False, GemvConfig(block_n=32, kr=128, block_k=16, chunk=64), torch.bfloat16),
+            (3, 300, [64, 32, 32], False, GemvConfig(block_n=32, kr=128, block_k=16, chunk=64, use_dot=True), torch.float16),
+            (1, 256, [80], True, GemvConfig(block_n=32, kr=128, block_k=16, chunk=128), torch.float16),
+            (8, 200, [40, 24], False, GemvConfig(block_n=16, kr=64, block_k=32, chunk=32), torch.float16)]:
+        N = sum(widths)
+        x = torch.randn(B, K).to(dt)
+        wt = torch.randn(K, N).to(dt)
+        t = torch.rand(len(widths), K) * 1.5
+        S = -(-K // cfg.kr)
+        out = torch.full((S, B, N), float("nan"))
+        launch_sparse_gemv(x, wt, t, widths, dense=dense, config=cfg, out=out)
+        ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dense=dense, dtype=torch.float64)
+        worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
+    # decode kernels against their references (fp32)
+    use = ops._use_triton
+    def both(fn, *a):
+        ops._use_triton = lambda t: True
+        r1 = fn(*[v.clone() if torch.is_tensor(v) else v for v in a])
+        ops._use_triton = lambda t: False
+        r2 = fn(*[v.clone() if torch.is_tensor(v) else v for v in a])
+        return (r1 - r2).abs().max().item()
+    B, H, Hkv, D, L, S = 2, 4, 2, 16, 40, 3
+    e = [both(ops.add_rmsnorm, torch.randn(B, 24), torch.randn(S, B, 24), torch.randn(24), 1e-5),
+         both(ops.qkv_rope_cache, torch.randn(S, B, (H + 2 * Hkv) * D), torch.randn((H + 2 * Hkv) * D),
+              torch.randn(L, D), torch.randn(L, D), torch.tensor([7]), torch.randn(B, Hkv, L, D),
+              torch.randn(B, Hkv, L, D), H, Hkv),
+         both(ops.decode_attention, torch.randn(B, H, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D),
+              torch.tensor([33]), 5),
+         both(ops.decode_attention, torch.randn(B, H, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D),
+              torch.tensor([39]), 0),
+         both(ops.silu_mul, torch.randn(S, B, 100), 50, torch.float32)]
+    print("WORST", worst, max(e))
+    sys.exit(0 if worst < 1e-6 and max(e) < 1e-5 else 1)
+""")
+
+
+@pytest.mark.skipif(not _has_triton(), reason="triton not installed")
+def test_triton_interpreter():
+    """The Triton kernels themselves, run by Triton's CPU interpreter (bf16 dot excluded: the interpreter lacks it)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", INTERP], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# GPU
+# -------------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B", [1, 2, 4, 8])
+def test_gpu_kernel_random_shapes(dtype, B):
+    from wisparse.kernels.sparse_gemv import launch_sparse_gemv
+
+    rng = torch.Generator().manual_seed(B)
+    for c in range(12):
+        K = int(torch.randint(16, 6000, (1,), generator=rng))
+        widths = [int(torch.randint(1, 3000, (1,), generator=rng)) for _ in range(1 + c % 3)]
+        sp = [0.0, 0.3, 0.5, 0.7, 0.9, 0.97][c % 6]
+        cfg = [None, GemvConfig(block_n=64, kr=256, block_k=16), GemvConfig(block_n=256, kr=1024, block_k=32,
+               num_warps=8), GemvConfig(block_n=128, kr=512, block_k=64, use_dot=True)][c % 4]
+        x, wt, t = _case(K, widths, B, sp, dtype, device="cuda", seed=c)
+        for dense in (False, True):
+            cfg_ = cfg or get_config(K, sum(widths), B, dense)
+            out = torch.full((math.ceil(K / cfg_.kr), B, sum(widths)), float("nan"), device="cuda")
+            launch_sparse_gemv(x, wt, t, widths, dense=dense, config=cfg_, out=out)
+            ref = _ref64(x, wt, t, widths, dense=dense)
+            assert not torch.isnan(out).any()
+            err = ((out.sum(0).double() - ref).norm() / ref.norm()).item()
+            assert err < 1e-5, (K, widths, B, sp, dense, cfg_, err)
+
+
+@pytest.mark.gpu
+def test_gpu_op_under_torch_compile():
+    x, wt, t = _case(4096, [1024, 512], 1, 0.5, torch.bfloat16, device="cuda")
+
+    def f(x):
+        return torch.ops.wisparse.sparse_gemv(x, wt, t, [1024, 512], False).sum(0).to(x.dtype) * 2
+
+    got = torch.compile(f, fullgraph=True)(x)
+    ref = _ref64(x, wt, t, [1024, 512]) * 2
+    assert ((got.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_decode_ops_match_reference():
+    from wisparse.kernels import decode_ops as ops
+
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    B, H, Hkv, D, L, S = 2, 8, 2, 128, 700, 3
+    use = ops._use_triton
+    try:
+        def both(fn, *a):
+            ops._use_triton = lambda t: True
+            r1 = fn(*[v.clone() if torch.is_tensor(v) else v for v in a])
+            ops._use_triton = lambda t: False
+            r2 = fn(*[v.clone() if torch.is_tensor(v) else v for v in a])
+            return ((r1.float() - r2.float()).norm() / r2.float().norm()).item()
+
+        cu = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+        assert both(ops.add_rmsnorm, cu(B, 4096).to(dt), cu(S, B, 4096), cu(4096).to(dt), 1e-5) < 1e-2
+        assert both(ops.qkv_rope_cache, cu(S, B, (H + 2 * Hkv) * D), cu((H + 2 * Hkv) * D).to(dt), cu(L, D), cu(L, D),
+                    torch.tensor([300], device="cuda"), cu(B, Hkv, L, D).to(dt), cu(B, Hkv, L, D).to(dt), H, Hkv) < 1e-2
+        for pos, win in ((0, 0), (299, 0), (699, 0), (699, 256)):
+            assert both(ops.decode_attention, cu(B, H, D).to(dt), cu(B, Hkv, L, D).to(dt), cu(B, Hkv, L, D).to(dt),
+                        torch.tensor([pos], device="cuda"), win) < 1e-2
+        assert both(ops.silu_mul, cu(S, B, 2 * 14336), 14336, dt) < 1e-2
+    finally:
+        ops._use_triton = use

@@ -1,0 +1,522 @@
+"""Decode-speed benchmark: kernels inside CUDA graphs, and the graph-captured decode loop, dense vs sparse.
+
+`run(...)` writes one JSON (every number) and a Markdown summary. Dense = the fastest dense path measured in the same
+loop (cuBLAS `F.linear` on the same weights, or the Triton kernel with the threshold test compiled out).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import ops as kops
+from ..kernels.sparse_gemv import GemvConfig, default_config, launch_sparse_gemv
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _graph_time(fn, launches: int = 10, replays: int = 15) -> float:
+    """Median seconds of one call of fn, timed as replays of a CUDA graph holding `launches` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(2):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(launches):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / launches)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1e3)
+    return nbytes / statistics.median(ts)
+
+
+def _inputs(K: int, B: int, P: int, sparsity: float, n: int, dtype, gen) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """n activation sets x [B, K] (per-channel scales, never zero) and thresholds [P, K] giving ~`sparsity`."""
+    scale = torch.rand(K, device="cuda", generator=gen) * 1.5 + 0.25
+    xs = [(torch.randn(B, K, device="cuda", generator=gen) * scale).to(dtype) for _ in range(n)]
+    if sparsity <= 0:
+        t = torch.full((P, K), -1.0, device="cuda")
+    else:
+        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + sparsity / 2)).item()
+        t = (scale * z).expand(P, K).contiguous()
+        t = t * (1 + 0.05 * torch.randn(P, K, device="cuda", generator=gen)).abs()
+    return xs, t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------------
+_WCACHE: dict = {}
+
+
+def _weights(K: int, N: int, dtype, transposed: bool = True) -> list[torch.Tensor]:
+    """Enough random weight copies ([K, N], or [N, K] for F.linear) to exceed the 60 MB L2 together (~200 MB)."""
+    key = (K, N, dtype, transposed)
+    if key not in _WCACHE:
+        _WCACHE.clear()
+        gen = torch.Generator(device="cuda").manual_seed(K * 7 + N)
+        nw = max(1, math.ceil(200e6 / (K * N * 2)))
+        shape = (K, N) if transposed else (N, K)
+        _WCACHE[key] = [(torch.randn(*shape, device="cuda", generator=gen) * 0.05).to(dtype) for _ in range(nw)]
+    return _WCACHE[key]
+
+
+SWEEP = [  # (block_n, kr, block_k, num_warps, num_stages, use_dot)
+    (128, 1024, 32, 4, 2, False), (128, 512, 32, 4, 2, False), (128, 256, 32, 4, 2, False),
+    (64, 512, 32, 4, 2, False), (64, 256, 32, 4, 2, False), (256, 1024, 32, 8, 2, False),
+    (256, 512, 16, 4, 2, False), (128, 512, 16, 4, 3, False), (128, 512, 64, 8, 2, False),
+    (128, 512, 32, 4, 1, False), (128, 512, 32, 4, 3, False), (128, 1024, 32, 8, 3, False),
+    (64, 1024, 64, 4, 2, False), (256, 256, 32, 8, 2, False), (128, 1024, 64, 8, 3, False),
+    (128, 512, 64, 4, 2, True), (64, 512, 64, 4, 2, True), (128, 1024, 32, 4, 3, True), (64, 256, 32, 4, 2, True),
+]
+
+
+def _cfg(t) -> GemvConfig:
+    bn, kr, bk, nw, ns, dot = t
+    return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=dot)
+
+
+def check_kernel(n_cases: int = 40, seed: int = 0, log=print) -> dict:
+    """Random shapes / dtypes / batch sizes / sparsities / configs vs a float64 reference; poisoned outputs."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    fails = []
+    for c in range(n_cases):
+        K = int(torch.randint(16, 5000, (1,), generator=rng))
+        P = int(torch.randint(1, 4, (1,), generator=rng))
+        widths = [int(torch.randint(1, 1500, (1,), generator=rng)) for _ in range(P)]
+        B = [1, 2, 3, 4, 5, 8][c % 6]
+        dtype = [torch.bfloat16, torch.float16][c % 2]
+        sp = [0.0, 0.3, 0.5, 0.7, 0.9, 0.99][c % 6]
+        dense = c % 7 == 3
+        cfg = _cfg(SWEEP[c % len(SWEEP)])
+        if B > 1 and not cfg.use_dot:
+            cfg = GemvConfig(**{**asdict(cfg), "use_dot": True})
+        N = sum(widths)
+        wt = (torch.randn(K, N, device="cuda", generator=gen) * 0.05).to(dtype)
+        xs, t = _inputs(K, B, P, sp, 1, dtype, gen)
+        x = xs[0]
+        S = math.ceil(K / cfg.kr)
+        out = torch.full((S, B, N), float("nan"), device="cuda")
+        launch_sparse_gemv(x, wt, t, widths, dense=dense, config=cfg, out=out)
+        torch.cuda.synchronize()
+        y = out.sum(0).double()
+        ref, c0 = [], 0
+        for p, w in enumerate(widths):
+            xm = x.double() if dense else x.double() * (x.abs().float() > t[p]).double()
+            ref.append(xm @ wt[:, c0:c0 + w].double())
+            c0 += w
+        ref = torch.cat(ref, -1)
+        err = ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        bad = not math.isfinite(err) or err > 1e-5 or bool(torch.isnan(out).any())
+        worst = max(worst, err if math.isfinite(err) else float("inf"))
+        if bad:
+            fails.append(dict(K=K, widths=widths, B=B, dtype=str(dtype), sp=sp, dense=dense, cfg=asdict(cfg), err=err))
+            log(f"FAIL {fails[-1]}")
+    log(f"kernel check: {n_cases} cases, worst rel err {worst:.2e}, {len(fails)} failures")
+    return {"cases": n_cases, "worst_rel_err": worst, "failures": fails}
+
+
+def time_kernel(K: int, widths: list[int], B: int, sparsity: float, cfg: GemvConfig | None, dense: bool = False,
+                dtype=torch.bfloat16, seed: int = 0) -> dict:
+    """Median time of one sparse GEMV inside a CUDA graph (inputs rotated, weights rotated past the L2)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    N = sum(widths)
+    wts = _weights(K, N, dtype)
+    nw = len(wts)
+    xs, t = _inputs(K, B, len(widths), 0.0 if dense else sparsity, 8, dtype, gen)
+    cfg = cfg or default_config(K, N, B)
+    tm = _graph_time(lambda i: launch_sparse_gemv(xs[i % len(xs)], wts[i % nw], t, widths, dense=dense, config=cfg))
+    # bytes actually read: surviving rows (union over the batch) of each projection + x + thresholds + partials
+    rows = 0
+    for x in xs:
+        c0 = 0
+        for p, w in enumerate(widths):
+            keep = torch.ones(K, dtype=torch.bool, device="cuda") if dense else (x.abs().float() > t[p]).any(0)
+            rows += int(keep.sum()) * w
+            c0 += w
+    rows /= len(xs)
+    S = math.ceil(K / cfg.kr)
+    nbytes = rows * 2 + B * K * 2 + len(widths) * K * 4 + S * B * N * 4
+    realised = 1 - rows / (K * N)
+    return {"us": tm * 1e6, "bytes_read": nbytes, "tbps": nbytes / tm / 1e12, "realised": realised}
+
+
+def time_linear(K: int, N: int, B: int, dtype=torch.bfloat16, seed: int = 0) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    wbytes = K * N * 2
+    ws = _weights(K, N, dtype, transposed=False)
+    nw = len(ws)
+    xs = [torch.randn(B, K, device="cuda", generator=gen).to(dtype) for _ in range(8)]
+    tm = _graph_time(lambda i: F.linear(xs[i % 8], ws[i % nw]))
+    return {"us": tm * 1e6, "tbps": (wbytes + B * K * 2 + B * N * 2) / tm / 1e12}
+
+
+def sweep_configs(shapes: dict[str, tuple[int, list[int]]], batches=(1, 8), log=print) -> dict:
+    """Best config per (shape, batch, dense) from SWEEP; sparse picked at 50%. Installs them with set_config."""
+    best = {}
+    for name, (K, widths) in shapes.items():
+        N = sum(widths)
+        for B in batches:
+            for dense in (False, True):
+                cands = [c for c in SWEEP if c[5] == (B > 1)]
+                res = []
+                for c in cands:
+                    try:
+                        r = time_kernel(K, widths, B, 0.5, _cfg(c), dense=dense)
+                        res.append((r["us"], c))
+                    except Exception as e:  # a config that does not compile / fit
+                        log(f"  config {c} failed: {type(e).__name__}: {str(e)[:120]}")
+                res.sort()
+                us, c = res[0]
+                log(f"sweep {name} B={B} dense={dense}: best {c} {us:.1f} us; "
+                    + ", ".join(f"{r[1][:5]}={r[0]:.1f}" for r in res[:4]))
+                best[f"{name}|{B}|{int(dense)}"] = {"config": list(c), "us": us,
+                                                    "all": [[list(r[1]), r[0]] for r in res]}
+    return best
+
+
+def install_configs(best: dict, shapes: dict[str, tuple[int, list[int]]]) -> None:
+    for key, v in best.items():
+        name, B, dense = key.split("|")
+        K, widths = shapes[name]
+        cfg = _cfg(v["config"])
+        for b in ([int(B)] if int(B) == 1 else [2, 3, 4, 5, 6, 7, 8]):
+            kops.set_config(K, sum(widths), b, bool(int(dense)), cfg)
+
+
+def engine_shapes(dec) -> dict[str, tuple[int, list[int]]]:
+    lyr = dec.layers[0]
+    return {g: (getattr(lyr, g).wt.shape[0], list(getattr(lyr, g).widths)) for g in ("qkv", "o", "gu", "down")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decode loop
+# ----------------------------------------------------------------------------------------------------------------
+def time_decode(gen, prompt: torch.Tensor, new_tokens: int, runs: int) -> dict:
+    """Prefill once per run (timed separately), then new_tokens-1 graph replays; medians over runs (after warm-up)."""
+    pre, dec_t, toks = [], [], None
+    for r in range(runs + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gen.prefill(prompt)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        out = gen.decode(new_tokens - 1)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if r > 0:  # run 0 is the warm-up
+            pre.append(t1 - t0)
+            dec_t.append(t2 - t1)
+        toks = out.clone()
+    d = statistics.median(dec_t)
+    return {"prefill_ms": statistics.median(pre) * 1e3, "decode_s": d,
+            "tok_s": (new_tokens - 1) / d, "tok_s_all_rows": (new_tokens - 1) * prompt.shape[0] / d,
+            "runs_tok_s": [(new_tokens - 1) / x for x in dec_t], "tokens": toks}
+
+
+def measure_realised(dec, gen, prompt, new_tokens) -> dict:
+    """Re-run the same decode in a graph with counting ops added (same tokens, same masks); count dropped channels."""
+    from .calibrate import realised
+
+    dec.meter = torch.zeros(len(dec.layers), 4, 3, dtype=torch.float64, device=dec.device)
+    try:
+        gen.prefill(prompt)
+        gen.graph = None
+        gen.capture()  # a graph with the counting ops in it
+        dec.meter.zero_()
+        out = gen.decode(new_tokens - 1)
+        torch.cuda.synchronize()
+        r = realised(dec, dec.meter, (new_tokens - 1) * prompt.shape[0])
+    finally:
+        dec.meter = None
+        gen.graph = None
+    r["tokens"] = out.clone()
+    return r
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the whole benchmark
+# ----------------------------------------------------------------------------------------------------------------
+def _shape_dims(name: str) -> dict[str, tuple[int, list[int]]]:
+    from .shapes import hf_config
+
+    c = hf_config(name)
+    D, H, Hkv, I = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+    Dh = getattr(c, "head_dim", None) or D // H
+    return {"qkv": (D, [H * Dh, Hkv * Dh, Hkv * Dh]), "o": (H * Dh, [D]), "gu": (D, [I, I]), "down": (I, [D])}
+
+
+def _decode_rows(dec, gen, prompt, new_tokens, runs, label, log) -> dict:
+    gen.graph = None
+    r = time_decode(gen, prompt, new_tokens, runs)
+    toks = r.pop("tokens")
+    log(f"  {label:28s} B={prompt.shape[0]} ctx={prompt.shape[1]}: {r['tok_s']:7.1f} tok/s "
+        f"(runs {', '.join(f'{x:.1f}' for x in r['runs_tok_s'])}), prefill {r['prefill_ms']:.1f} ms")
+    r["tokens_head"] = toks[0, :8].tolist()
+    r["_tokens"] = toks
+    return r
+
+
+def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8), levels=(0.4, 0.5, 0.6),
+        nonuniform: bool = True, contexts=(1024, 4096), prompt_len: int = 128, new_tokens: int = 256,
+        context_new_tokens: int = 64, runs: int = 3, sweep: bool = True, configs_path: str | None = None,
+        budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, log=print) -> dict:
+    from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
+    from .generate import GraphGenerator
+    from .model import Decoder
+
+    t_start = time.time()
+    left = lambda: budget_s - (time.time() - t_start)  # noqa: E731
+    import triton
+
+    res = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "python": platform.python_version(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())},
+           "protocol": {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup_runs": 1,
+                        "statistic": "median over runs of (new_tokens-1)/decode time; the first token comes from "
+                                     "the prefill, which is timed separately",
+                        "dtype": "bfloat16", "weights": "random normal std 0.02 (named shapes' real dimensions)",
+                        "thresholds": "per-projection weight-aware (alpha=0.5) per-channel thresholds calibrated on "
+                                      "decode tokens of 4 random prompts through the same model (2 passes)",
+                        "positions": "all positions sparsified (prefill and decode)",
+                        "realised": "parameter-weighted fraction of dropped input channels over the 7 projections, "
+                                    "counted in a second capture of the same decode with counting ops added (same tokens checked)"}}
+    res["copy_tbps"] = copy_bandwidth() / 1e12
+    log(f"GPU {res['env']['gpu']}, copy bandwidth {res['copy_tbps']:.2f} TB/s (read+write)")
+    res["kernel_check"] = check_kernel(log=log)
+
+    # configurations
+    sweep_shapes = {}
+    for m in models:
+        for g, v in _shape_dims(m).items():
+            sweep_shapes[f"{v[0]}x{sum(v[1])}x{len(v[1])}"] = v
+    sweep_shapes["4096x14336x1"] = (4096, [14336])
+    if configs_path:
+        with open(configs_path) as f:
+            best = json.load(f)
+    elif sweep:
+        best = sweep_configs(sweep_shapes, batches=(1, 8), log=log)
+    else:
+        best = {}
+    best = {k: v for k, v in best.items() if k.split("|")[0] in sweep_shapes}
+    install_configs(best, sweep_shapes)
+    res["configs"] = best
+
+    # kernel table: acceptance shapes, sparsity 0..95%, against F.linear
+    ktab = []
+    for label, K, widths in (("14336x4096 (gate/up: in 4096, out 14336)", 4096, [14336]),
+                             ("4096x14336 (down: in 14336, out 4096)", 14336, [4096])):
+        N = sum(widths)
+        for B in (1, 8):
+            lin = time_linear(K, N, B)
+            ktab.append({"matrix": label, "B": B, "path": "F.linear (cuBLAS)", "sparsity": 0.0, **lin})
+            for sp in (None, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+                dense = sp is None
+                cfg = kops.get_config(K, N, B, dense)
+                r = time_kernel(K, widths, B, sp or 0.0, cfg, dense=dense)
+                row = {"matrix": label, "B": B, "path": "triton dense" if dense else "triton sparse",
+                       "sparsity": 0.0 if dense else sp, **r, "copy_fraction": r["tbps"] / res["copy_tbps"],
+                       "vs_linear": lin["us"] / r["us"]}
+                ktab.append(row)
+                log(f"kernel {label[:10]} B={B} {row['path']:13s} sp={row['sparsity']:.2f} "
+                    f"(realised {r['realised']:.3f}): {r['us']:7.1f} us {r['tbps']:.2f} TB/s "
+                    f"({row['copy_fraction']:.0%} of copy), F.linear {lin['us']:.1f} us")
+    res["kernels"] = ktab
+
+    # decode loop
+    res["decode"] = []
+    for mi, name in enumerate(models):
+        if left() < 60:
+            log(f"budget: skipping {name}")
+            continue
+        torch.manual_seed(0)
+        dec = Decoder.random(name, device="cuda", dtype=torch.bfloat16, seed=mi)
+        gprompt = torch.Generator().manual_seed(0)
+        th = {}
+        lv_list = [("uniform", lv, uniform_levels(dec, lv)) for lv in levels]
+        if nonuniform:
+            lv_list.append(("non-uniform", 0.5, nonuniform_levels(dec)))
+        main_batches = batches if mi == 0 else (1,)
+        for B in main_batches:
+            if left() < 30:
+                break
+            prompt = torch.randint(0, dec.V, (B, prompt_len), generator=gprompt).cuda()
+            gen = GraphGenerator(dec, batch=B, max_len=prompt_len + new_tokens + 64, max_new_tokens=new_tokens)
+            rows = []
+            dec.sparse = False
+            for backend in ("cublas", "triton"):
+                dec.backend = backend
+                r = _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} dense {backend}", log)
+                rows.append({"model": name, "B": B, "ctx": prompt_len, "config": f"dense ({backend})",
+                             "nominal": 0.0, **r})
+            dense_best = max(rows, key=lambda r: r["tok_s"])
+            dense_tokens = dense_best["_tokens"]
+            dec.backend = "triton"
+            for kind, lv, levels_map in lv_list:
+                if B > 1 and not (kind == "uniform" and lv == 0.5):
+                    continue
+                if left() < 20:
+                    break
+                key = (kind, lv)
+                if key not in th:
+                    th[key] = calibrate(dec, levels_map)
+                dec.set_thresholds(th[key])
+                dec.sparse = True
+                r = _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} {kind} {lv:.2f}", log)
+                real = measure_realised(dec, gen, prompt, new_tokens)
+                same = bool(torch.equal(real.pop("tokens"), r["_tokens"]))
+                rows.append({"model": name, "B": B, "ctx": prompt_len, "config": f"{kind} {lv:.2f}",
+                             "nominal": weighted_mean(dec, levels_map), "realised": real, "metered_tokens_identical": same,
+                             "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"], **r})
+                log(f"    realised {real['weighted']:.3f} (by group {', '.join(f'{k} {v:.3f}' for k, v in real['by_group'].items())}),"
+                    f" speedup {rows[-1]['speedup_vs_dense']:.2f}x")
+            for r in rows:
+                r["dense_tok_s"] = dense_best["tok_s"]
+                r["dense_path"] = dense_best["config"]
+                r.pop("_tokens", None)
+            res["decode"].extend(rows)
+            del gen
+            torch.cuda.empty_cache()
+        # context lengths (first model only)
+        if mi == 0:
+            for ctx in contexts:
+                if left() < 40:
+                    break
+                prompt = torch.randint(0, dec.V, (1, ctx), generator=gprompt).cuda()
+                gen = GraphGenerator(dec, batch=1, max_len=ctx + context_new_tokens + 64,
+                                     max_new_tokens=context_new_tokens)
+                rows = []
+                dec.sparse = False
+                for backend in ("cublas", "triton"):
+                    dec.backend = backend
+                    r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} dense {backend}", log)
+                    rows.append({"model": name, "B": 1, "ctx": ctx, "config": f"dense ({backend})", "nominal": 0.0,
+                                 "new_tokens": context_new_tokens, **r})
+                dense_best = max(rows, key=lambda r: r["tok_s"])
+                dec.backend = "triton"
+                if ("uniform", 0.5) in th:
+                    dec.set_thresholds(th[("uniform", 0.5)])
+                    dec.sparse = True
+                    r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} uniform 0.50", log)
+                    rows.append({"model": name, "B": 1, "ctx": ctx, "config": "uniform 0.50", "nominal": 0.5,
+                                 "new_tokens": context_new_tokens,
+                                 "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"], **r})
+                for r in rows:
+                    r["dense_tok_s"] = dense_best["tok_s"]
+                    r.pop("_tokens", None)
+                res["decode"].extend(rows)
+                del gen
+                torch.cuda.empty_cache()
+        del dec
+        torch.cuda.empty_cache()
+    res["elapsed_s"] = time.time() - t_start
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    if out_md:
+        with open(out_md, "w") as f:
+            f.write(markdown(res))
+    return res
+
+
+def markdown(res: dict) -> str:
+    e = res["env"]
+    L = [f"# Decode speed on {e['gpu']}", "",
+         f"torch {e['torch']}, triton {e['triton']}, {e['date_utc']} UTC. Measured copy bandwidth "
+         f"{res['copy_tbps']:.2f} TB/s (bytes read + written). Kernel check vs float64: "
+         f"{res['kernel_check']['cases']} random cases, worst relative error {res['kernel_check']['worst_rel_err']:.1e}, "
+         f"{len(res['kernel_check']['failures'])} failures.", "",
+         "Protocol: " + "; ".join(f"{k}: {v}" for k, v in res["protocol"].items()), "",
+         "## Decode tokens/s (batch rows; tokens/s per row)", "",
+         "| model | B | context | config | nominal | realised | tok/s | x dense | dense tok/s (path) | prefill ms |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res.get("decode", []):
+        real = r.get("realised", {}).get("weighted") if isinstance(r.get("realised"), dict) else None
+        L.append(f"| {r['model']} | {r['B']} | {r['ctx']} | {r['config']} | {r['nominal']:.3f} | "
+                 f"{'' if real is None else f'{real:.3f}'} | {r['tok_s']:.1f} | "
+                 f"{r.get('speedup_vs_dense', r['tok_s'] / r['dense_tok_s']):.2f} | {r['dense_tok_s']:.1f} "
+                 f"({r.get('dense_path', '')}) | {r['prefill_ms']:.1f} |")
+    L += ["", "## Kernels inside CUDA graphs (bf16; bytes actually read = surviving weight rows + x + thresholds + "
+          "fp32 partials)", "",
+          "| matrix [out x in] | B | path | nominal sparsity | realised | us | TB/s | of copy BW | F.linear time / this |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in res.get("kernels", []):
+        L.append(f"| {r['matrix']} | {r['B']} | {r['path']} | {r['sparsity']:.2f} | {r.get('realised', 0):.3f} | "
+                 f"{r['us']:.1f} | {r['tbps']:.2f} | {r.get('copy_fraction', r['tbps'] / res['copy_tbps']):.0%} | "
+                 f"{r.get('vs_linear', 1.0):.2f} |")
+    L += ["", "## Launch configurations chosen by the sweep (block_n, kr, block_k, warps, stages, dot)", ""]
+    for k, v in res.get("configs", {}).items():
+        L.append(f"- {k}: {v['config']} ({v['us']:.1f} us)")
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> dict:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="wisparse bench", description=__doc__)
+    add_arguments(ap)
+    return run_from_args(ap.parse_args(argv))
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--models", default="llama-3.1-8b,mistral-7b,qwen2.5-7b",
+                    help="named shapes, comma-separated (llama-3.1-8b, mistral-7b, qwen2.5-7b)")
+    ap.add_argument("--batches", default="1,2,4,8", help="batch sizes (first model; others run batch 1)")
+    ap.add_argument("--levels", default="0.4,0.5,0.6", help="uniform sparsity levels")
+    ap.add_argument("--no-nonuniform", action="store_true", help="skip the non-uniform (0.3..0.7 per block) config")
+    ap.add_argument("--contexts", default="1024,4096", help="extra prompt lengths for the context rows (first model)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per row (after one warm-up); the median is kept")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the kernel configuration sweep (use heuristics)")
+    ap.add_argument("--configs", default=None, help="JSON of launch configs from an earlier run (skips the sweep)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop optional rows after this many seconds")
+    ap.add_argument("--out", default="benchmarks/results/decode_h200", help="output path stem (.json and .md)")
+
+
+def run_from_args(a) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("wisparse bench needs a CUDA GPU")
+    ints = lambda s: tuple(int(v) for v in s.split(",") if v)  # noqa: E731
+    res = run(models=tuple(a.models.split(",")), batches=ints(a.batches),
+              levels=tuple(float(v) for v in a.levels.split(",") if v), nonuniform=not a.no_nonuniform,
+              contexts=ints(a.contexts), prompt_len=a.prompt_len, new_tokens=a.new_tokens, runs=a.runs,
+              sweep=not a.no_sweep, configs_path=a.configs, budget_s=a.budget_s,
+              out_json=a.out + ".json", out_md=a.out + ".md")
+    print(markdown(res))
+    return res

@@ -1,0 +1,285 @@
+"""The small fused kernels of one decode step (Triton), each with a PyTorch reference of the same semantics.
+
+They take the sparse GEMV's fp32 split-K partials [S, B, N] directly, so summing the partials costs no extra
+launch. Rounding points follow `transformers` (projection outputs, residual adds and norms round to the model
+dtype where HF rounds).
+
+* add_rmsnorm(h, partials, w, eps)   -> h += round(sum(partials)) (in place); returns rmsnorm(h) * w
+* qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H, Hkv) -> q [B, H, D] (RoPE'd); writes k, v
+* decode_attention(q, k_cache, v_cache, pos, window) -> o [B, H*D]   (flash-decoding: split over keys + combine)
+* silu_mul(partials, I) -> round(silu(round(gate))) * round(up)      (gate|up fused partials [S, B, 2I])
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .sparse_gemv import HAVE_TRITON
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and t.is_cuda
+
+
+def _np2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------------------------------------------
+def ref_add_rmsnorm(h, partials, w, eps):
+    if partials is not None:
+        h.copy_((h.float() + partials.sum(0).to(h.dtype).float()).to(h.dtype))
+    hf = h.float()
+    xn = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return w * xn
+
+
+def ref_qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H, Hkv):
+    B = partials.shape[1]
+    D = k_cache.shape[-1]
+    y = partials.sum(0)
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(k_cache.dtype)
+    q = y[:, : H * D].view(B, H, D)
+    k = y[:, H * D: (H + Hkv) * D].view(B, Hkv, D)
+    v = y[:, (H + Hkv) * D:].view(B, Hkv, D)
+    p = pos.reshape(-1)[:1].long()
+    c = cos.index_select(0, p).to(q.dtype)  # [1, D]
+    s = sin.index_select(0, p).to(q.dtype)
+
+    def rot(x):
+        x1, x2 = x[..., : D // 2], x[..., D // 2:]
+        return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+    k_cache.index_copy_(2, p, rot(k).unsqueeze(2))
+    v_cache.index_copy_(2, p, v.unsqueeze(2))
+    return rot(q)
+
+
+def ref_decode_attention(q, k_cache, v_cache, pos, window: int = 0):
+    B, H, D = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    p = pos.reshape(-1)[:1]
+    kpos = torch.arange(L, device=q.device)
+    valid = kpos <= p
+    if window > 0:
+        valid &= kpos > p - window
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, attn_mask=valid.view(1, 1, 1, L),
+                                       enable_gqa=H != Hkv)
+    return o.reshape(B, H * D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(h_ptr, p_ptr, w_ptr, out_ptr, B, D, S, eps,
+                            HAS_P: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_D)
+        m = offs < D
+        h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
+        if HAS_P:
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for s in range(0, S):
+                acc += tl.load(p_ptr + (s * B + b) * D + offs, mask=m, other=0.0)
+            h = (h.to(tl.float32) + acc.to(h.dtype).to(tl.float32)).to(h.dtype)
+            tl.store(h_ptr + b * D + offs, h, mask=m)
+        hf = h.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
+        xn = (hf * rstd).to(h.dtype)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0)
+        tl.store(out_ptr + b * D + offs, (w.to(tl.float32) * xn.to(tl.float32)).to(h.dtype), mask=m)
+
+    @triton.jit
+    def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
+                               S, B, N, H, HKV, L,
+                               HAS_BIAS: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        head = tl.program_id(1)  # 0..H-1 q heads, then H..H+HKV-1 k heads, then v heads
+        HALF: tl.constexpr = D // 2
+        o1 = tl.arange(0, HALF)
+        c0 = head * D
+        a1 = tl.zeros((HALF,), dtype=tl.float32)
+        a2 = tl.zeros((HALF,), dtype=tl.float32)
+        for s in range(0, S):
+            base = p_ptr + (s * B + b) * N + c0
+            a1 += tl.load(base + o1)
+            a2 += tl.load(base + HALF + o1)
+        if HAS_BIAS:
+            a1 += tl.load(bias_ptr + c0 + o1).to(tl.float32)
+            a2 += tl.load(bias_ptr + c0 + HALF + o1).to(tl.float32)
+        dt = q_ptr.dtype.element_ty
+        x1 = a1.to(dt).to(tl.float32)
+        x2 = a2.to(dt).to(tl.float32)
+        pos = tl.load(pos_ptr)
+        if head < H + HKV:
+            c1 = tl.load(cos_ptr + pos * D + o1).to(dt).to(tl.float32)
+            s1 = tl.load(sin_ptr + pos * D + o1).to(dt).to(tl.float32)
+            c2 = tl.load(cos_ptr + pos * D + HALF + o1).to(dt).to(tl.float32)
+            s2 = tl.load(sin_ptr + pos * D + HALF + o1).to(dt).to(tl.float32)
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+            if head < H:
+                qb = q_ptr + (b * H + head) * D
+                tl.store(qb + o1, y1.to(dt))
+                tl.store(qb + HALF + o1, y2.to(dt))
+            else:
+                kb = kc_ptr + ((b * HKV + (head - H)) * L + pos) * D
+                tl.store(kb + o1, y1.to(dt))
+                tl.store(kb + HALF + o1, y2.to(dt))
+        else:
+            vb = vc_ptr + ((b * HKV + (head - H - HKV)) * L + pos) * D
+            tl.store(vb + o1, x1.to(dt))
+            tl.store(vb + HALF + o1, x2.to(dt))
+
+    @triton.jit
+    def _attn_split_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
+                           H, HKV, L, scale, window, SPLIT_L,
+                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, D: tl.constexpr):
+        bh = tl.program_id(0)  # b * HKV + kv head
+        sp = tl.program_id(1)
+        nsp = tl.num_programs(1)
+        b = bh // HKV
+        hk = bh % HKV
+        pos = tl.load(pos_ptr)
+        lo = sp * SPLIT_L
+        hi = tl.minimum(lo + SPLIT_L, pos + 1)
+        if window > 0:
+            lo = tl.maximum(lo, pos - window + 1)
+        g = tl.arange(0, BLOCK_G)
+        gm = g < G
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + ((b * H + hk * G + g) * D)[:, None] + d[None, :], mask=gm[:, None], other=0.0)
+        m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
+        kbase = kc_ptr + bh.to(tl.int64) * L * D
+        vbase = vc_ptr + bh.to(tl.int64) * L * D
+        for start in range(lo, hi, BLOCK_L):
+            kk = start + tl.arange(0, BLOCK_L)
+            km = kk < hi
+            k = tl.load(kbase + kk[:, None] * D + d[None, :], mask=km[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(km[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            pr = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(pr, axis=1)
+            v = tl.load(vbase + kk[:, None] * D + d[None, :], mask=km[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+            m_i = m_new
+        ob = (bh * nsp + sp) * BLOCK_G + g
+        tl.store(m_ptr + ob, m_i)
+        tl.store(l_ptr + ob, l_i)
+        tl.store(acc_ptr + ob[:, None] * D + d[None, :], acc)
+
+    @triton.jit
+    def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, HKV, NSP,
+                             G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        bh = tl.program_id(0)
+        gi = tl.program_id(1)
+        b = bh // HKV
+        hk = bh % HKV
+        sp = tl.arange(0, BLOCK_S)
+        smask = sp < NSP
+        idx = (bh * NSP + sp) * BLOCK_G + gi
+        m = tl.load(m_ptr + idx, mask=smask, other=float("-inf"))
+        l = tl.load(l_ptr + idx, mask=smask, other=0.0)
+        mx = tl.max(m, axis=0)
+        wgt = tl.where(m == float("-inf"), 0.0, tl.exp(m - mx))
+        d = tl.arange(0, D)
+        acc = tl.load(acc_ptr + idx[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        num = tl.sum(acc * wgt[:, None], axis=0)
+        den = tl.sum(l * wgt, axis=0)
+        out = num / den
+        tl.store(o_ptr + (b * H + hk * G + gi) * D + d, out.to(o_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _silu_mul_kernel(p_ptr, out_ptr, S, B, I, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < I
+        g = tl.zeros((BLOCK,), dtype=tl.float32)
+        u = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, S):
+            base = p_ptr + (s * B + b) * 2 * I
+            g += tl.load(base + offs, mask=m, other=0.0)
+            u += tl.load(base + I + offs, mask=m, other=0.0)
+        dt = out_ptr.dtype.element_ty
+        g = g.to(dt).to(tl.float32)
+        u = u.to(dt).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(out_ptr + b * I + offs, (a * u).to(dt), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dispatchers
+# ----------------------------------------------------------------------------------------------------------------
+def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """h [B, D] (updated in place with the summed partials), returns rmsnorm(h) * w in h's dtype."""
+    if not _use_triton(h):
+        return ref_add_rmsnorm(h, partials, w, eps)
+    B, D = h.shape
+    out = torch.empty_like(h)
+    S = partials.shape[0] if partials is not None else 0
+    _add_rmsnorm_kernel[(B,)](h, partials if partials is not None else h, w, out, B, D, S, eps,
+                              HAS_P=partials is not None, BLOCK_D=_np2(D), num_warps=8)
+    return out
+
+
+def qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H: int, Hkv: int) -> torch.Tensor:
+    """partials [S, B, (H+2Hkv)*D] -> q [B, H, D] roped; k (roped) and v written at `pos` of the caches."""
+    if not _use_triton(partials):
+        return ref_qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H, Hkv)
+    S, B, N = partials.shape
+    D = k_cache.shape[-1]
+    q = torch.empty((B, H, D), device=partials.device, dtype=k_cache.dtype)
+    _qkv_rope_cache_kernel[(B, H + 2 * Hkv)](
+        partials, bias if bias is not None else partials, cos, sin, pos, q, k_cache, v_cache,
+        S, B, N, H, Hkv, k_cache.shape[2], HAS_BIAS=bias is not None, D=D, num_warps=1)
+    return q
+
+
+def decode_attention(q, k_cache, v_cache, pos, window: int = 0, split_l: int = 256) -> torch.Tensor:
+    """q [B, H, D], caches [B, Hkv, L, D]; keys 0..pos (and > pos - window) -> o [B, H*D]."""
+    if not _use_triton(q):
+        return ref_decode_attention(q, k_cache, v_cache, pos, window)
+    B, H, D = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    G = H // Hkv
+    BG = max(16, _np2(G))
+    nsp = math.ceil(L / split_l)
+    m = torch.empty((B * Hkv * nsp * BG,), device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty((B * Hkv * nsp * BG, D), device=q.device, dtype=torch.float32)
+    _attn_split_kernel[(B * Hkv, nsp)](q, k_cache, v_cache, pos, m, lsum, acc, H, Hkv, L, D ** -0.5,
+                                       window, split_l, G=G, BLOCK_G=BG, BLOCK_L=64, D=D, num_warps=4)
+    o = torch.empty((B, H * D), device=q.device, dtype=q.dtype)
+    _attn_combine_kernel[(B * Hkv, G)](m, lsum, acc, o, H, Hkv, nsp, G=G, BLOCK_G=BG,
+                                       BLOCK_S=max(2, _np2(nsp)), D=D, num_warps=2)
+    return o
+
+
+def silu_mul(partials: torch.Tensor, I: int, dtype: torch.dtype) -> torch.Tensor:
+    """partials [S, B, 2I] (gate | up) -> round(silu(round(g))) * round(u) [B, I] in dtype."""
+    if not _use_triton(partials):
+        y = partials.sum(0).to(dtype)
+        return F.silu(y[:, :I]) * y[:, I:]
+    S, B, _ = partials.shape
+    out = torch.empty((B, I), device=partials.device, dtype=dtype)
+    BLOCK = 1024
+    _silu_mul_kernel[(B, math.ceil(I / BLOCK))](partials, out, S, B, I, BLOCK=BLOCK, num_warps=4)
+    return out

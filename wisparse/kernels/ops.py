@@ -1,0 +1,88 @@
+"""`torch.ops.wisparse.sparse_gemv`: the sparse GEMV as a PyTorch custom op.
+
+Registered with `torch.library.triton_op` when Triton is importable (so `torch.compile(fullgraph=True)` sees the
+Triton kernel itself), else with `torch.library.custom_op` + a fake implementation. On CPU tensors (or without
+Triton) it runs the pure-PyTorch reference with the same split-K partial layout, so shapes and semantics agree
+everywhere.
+
+    sparse_gemv(x [B, K], wt [K, N], t [P, K] fp32, widths [P], dense) -> fp32 partials [S, B, N]
+    sparse_linear(x, wt, t, widths, dense, bias) -> y [B, N] in x.dtype (partials summed, bias added)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .sparse_gemv import HAVE_TRITON, GemvConfig, default_config, launch_sparse_gemv
+
+# Tuned launch configurations by (K, N, B); filled by `set_config` (the benchmark's sweep) or left to the heuristic.
+_CONFIGS: dict[tuple[int, int, int, bool], GemvConfig] = {}
+
+
+def set_config(K: int, N: int, B: int, dense: bool, config: GemvConfig) -> None:
+    _CONFIGS[(K, N, B, dense)] = config
+
+
+def get_config(K: int, N: int, B: int, dense: bool = False) -> GemvConfig:
+    return _CONFIGS.get((K, N, B, dense)) or default_config(K, N, B)
+
+
+def reference_partials(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int], dense: bool,
+                       kr: int) -> torch.Tensor:
+    """The kernel's function in plain PyTorch: fp32 partial sums over input-channel slices of `kr`."""
+    B, K = x.shape
+    xm = []
+    c0 = 0
+    outs = []
+    for p, w in enumerate(widths):
+        xp = x if dense else x * (x.abs() > t[p].to(x.dtype))
+        xm.append((xp.float(), c0, w))
+        c0 += w
+    splits = math.ceil(K / kr)
+    for s in range(splits):
+        k0, k1 = s * kr, min(K, (s + 1) * kr)
+        outs.append(torch.cat([xp[:, k0:k1] @ wt[k0:k1, c:c + w].float() for xp, c, w in xm], dim=-1))
+    return torch.stack(outs)
+
+
+def _impl(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int], dense: bool,
+          runner=None) -> torch.Tensor:
+    B, K = x.shape
+    N = wt.shape[1]
+    cfg = get_config(K, N, B, dense)
+    if x.device.type == "cuda" and HAVE_TRITON:
+        return launch_sparse_gemv(x, wt, t, list(widths), dense=dense, config=cfg, runner=runner)
+    return reference_partials(x, wt, t, list(widths), dense, cfg.kr)
+
+
+if HAVE_TRITON:
+
+    @torch.library.triton_op("wisparse::sparse_gemv", mutates_args=())
+    def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int],
+                    dense: bool) -> torch.Tensor:
+        return _impl(x, wt, t, widths, dense, runner=torch.library.wrap_triton)
+
+else:  # pragma: no cover - exercised on installs without triton (CPU CI)
+
+    @torch.library.custom_op("wisparse::sparse_gemv", mutates_args=())
+    def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int],
+                    dense: bool) -> torch.Tensor:
+        return _impl(x, wt, t, widths, dense)
+
+    @sparse_gemv.register_fake
+    def _(x, wt, t, widths, dense):
+        B, K = x.shape
+        S = math.ceil(K / get_config(K, wt.shape[1], B, dense).kr)
+        return x.new_empty((S, B, wt.shape[1]), dtype=torch.float32)
+
+
+def sparse_linear(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int], dense: bool = False,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y [..., N] = masked x @ wt (+ bias), in x's dtype; x may have leading dims (flattened to B <= 16 rows)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.wisparse.sparse_gemv(x2, wt, t, list(widths), dense).sum(0)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, wt.shape[1])

@@ -1,0 +1,209 @@
+"""Sparse GEMV on column-major weights with the threshold test fused in (Triton), plus its reference.
+
+Semantics (identical to `wisparse.sparse_linear.reference_threshold_mask` followed by `F.linear`):
+
+    y_p[b, :] = (x[b] * (|x[b]| > t_p)) @ W_p^T        for each projection p of a group
+
+* `wt`  [K, N]   the weights of a group of projections that share one input, stored transposed and concatenated
+                 along the output dimension (q|k|v, gate|up, or one projection): row k is input channel k.
+* `t`   [P, K]   fp32 per-channel thresholds, one row per projection (equal rows = a shared site mask).
+* `x`   [B, K]   bf16 or fp16, B = 1..8.
+* result         fp32 partial sums [S, B, N] over S slices of the input channels: `out.sum(0)` is y. Returning the
+                 split-K partials (instead of reducing them with atomics or a second launch) lets the consumer (a
+                 norm, RoPE, SiLU*mul or residual kernel that runs anyway) add them for free.
+
+How the work shrinks with sparsity: program (n, s) owns output columns [n*BN, (n+1)*BN) of one projection and input
+channels [s*KR, (s+1)*KR). Phase 1 tests its KR channels against the thresholds (a cheap, L2-resident read of x and
+t) and compacts the surviving channel indices (union over the batch rows) into a private scratch list with a
+prefix sum. Phase 2 loops only over that list, BLOCK_K surviving rows at a time, so both the bytes read and the
+number of dependent loop iterations (the latency chain that keeps split-K kernels at half of dense time at high
+sparsity) fall in proportion to the density. Each row of a batch is multiplied by its own masked values, so each
+row's result equals its own masked GEMV.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton is optional: without it (CPU-only installs) the reference path is used.
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reference (float semantics the kernel must reproduce)
+# ----------------------------------------------------------------------------------------------------------------
+def reference_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int],
+                          dense: bool = False, dtype=None) -> torch.Tensor:
+    """y [B, N] = per projection p: (x * (|x| > t[p])) @ wt[:, cols_p], computed in `dtype` (default fp32)."""
+    dtype = dtype or torch.float32
+    outs, c0 = [], 0
+    for p, w in enumerate(widths):
+        xm = x if dense else x * (x.abs() > t[p].to(x.dtype))
+        outs.append(xm.to(dtype) @ wt[:, c0:c0 + w].to(dtype))
+        c0 += w
+    return torch.cat(outs, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 128      # output columns per program (a contiguous 2*block_n-byte segment of each weight row)
+    kr: int = 1024          # input channels per split (programs along the K axis = ceil(K / kr))
+    block_k: int = 32       # surviving rows multiplied per loop iteration
+    chunk: int = 1024       # channels tested per phase-1 step (<= kr, divides kr)
+    num_warps: int = 4
+    num_stages: int = 2
+    use_dot: bool = False   # tensor-core dot (batch padded to 16) instead of FMA; used for B > 1
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def default_config(K: int, N: int, B: int, n_sm: int = 132) -> GemvConfig:
+    """Heuristic: about 2-4 programs per SM, 256-byte row segments, an FMA path at batch 1 and a dot path above."""
+    block_n = 128
+    while block_n > 16 and N < block_n * 2:
+        block_n //= 2
+    tiles = max(1, math.ceil(N / block_n))
+    want = 3 * n_sm
+    splits = max(1, min(64, math.ceil(want / tiles)))
+    kr = max(128, _pow2_floor(math.ceil(K / splits)))
+    kr = min(kr, 1 << (max(K, 16) - 1).bit_length())
+    chunk = min(kr, 1024)
+    use_dot = B > 1
+    return GemvConfig(block_n=block_n, kr=kr, block_k=32 if not use_dot else 64, chunk=chunk,
+                      num_warps=4, num_stages=2, use_dot=use_dot)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the kernel
+# ----------------------------------------------------------------------------------------------------------------
+if HAVE_TRITON:
+
+    @triton.jit
+    def _sparse_gemv_kernel(
+        x_ptr, w_ptr, t_ptr, out_ptr, scratch_ptr,
+        B, K, N, stride_xb,
+        W0, W1, W2,            # widths of the (up to 3) projections in the group; unused ones are 0
+        T1, T2,                # first tile index of projection 1 and of projection 2
+        N_TILES,
+        KR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK_B: tl.constexpr, DENSE: tl.constexpr, USE_DOT: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        # which projection this column tile belongs to, and its columns
+        p = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32)
+        tile0 = tl.where(p == 0, 0, tl.where(p == 1, T1, T2))
+        col0 = tl.where(p == 0, 0, tl.where(p == 1, W0, W0 + W1))
+        width = tl.where(p == 0, W0, tl.where(p == 1, W1, W2))
+        lcols = (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = lcols < width
+        cols = col0 + lcols
+        tp = t_ptr + p * K
+        k_lo = pid_s * KR
+        rows_b = tl.arange(0, BLOCK_B)
+        bmask = rows_b < B
+
+        if DENSE:
+            cnt = tl.minimum(K - k_lo, KR)
+        else:
+            # phase 1: compact this program's surviving channels (union over batch rows) into its scratch list
+            sbase = scratch_ptr + (pid_s * N_TILES + pid_n).to(tl.int64) * KR
+            cnt = 0
+            for c in tl.static_range(0, KR, CHUNK):
+                offs = k_lo + c + tl.arange(0, CHUNK)
+                inb = offs < K
+                tv = tl.load(tp + offs, mask=inb, other=float("inf"))
+                xv = tl.load(x_ptr + rows_b[:, None] * stride_xb + offs[None, :],
+                             mask=bmask[:, None] & inb[None, :], other=0.0)
+                keep = (tl.abs(xv.to(tl.float32)) > tv[None, :]).to(tl.int32)
+                m = tl.max(keep, axis=0)
+                pos = cnt + tl.cumsum(m, axis=0) - 1
+                tl.store(sbase + pos, offs, mask=m > 0)
+                cnt += tl.sum(m, axis=0)
+            tl.debug_barrier()
+
+        # phase 2: multiply the surviving rows
+        if USE_DOT:
+            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for i in range(0, cnt, BLOCK_K):
+            j = i + tl.arange(0, BLOCK_K)
+            valid = j < cnt
+            if DENSE:
+                k = k_lo + j
+            else:
+                k = tl.load(sbase + j, mask=valid, other=0)
+            w = tl.load(w_ptr + k.to(tl.int64)[:, None] * N + cols[None, :],
+                        mask=valid[:, None] & cmask[None, :], other=0.0)
+            if USE_DOT:
+                xb = tl.load(x_ptr + rows_b[:, None] * stride_xb + k[None, :],
+                             mask=bmask[:, None] & valid[None, :], other=0.0)
+                if not DENSE:
+                    tk = tl.load(tp + k, mask=valid, other=float("inf"))
+                    xb = tl.where(tl.abs(xb.to(tl.float32)) > tk[None, :], xb, 0.0)
+                acc += tl.dot(xb.to(w.dtype), w)
+            else:
+                xv = tl.load(x_ptr + k, mask=valid, other=0.0)  # B == 1: surviving values are x itself
+                acc += xv.to(tl.float32)[:, None] * w.to(tl.float32)
+
+        obase = out_ptr + pid_s.to(tl.int64) * B * N
+        if USE_DOT:
+            tl.store(obase + rows_b[:, None] * N + cols[None, :], acc,
+                     mask=bmask[:, None] & cmask[None, :])
+        else:
+            tl.store(obase + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+def _tiles(widths: list[int], block_n: int) -> list[int]:
+    return [math.ceil(w / block_n) if w > 0 else 0 for w in widths]
+
+
+def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int],
+                       dense: bool = False, config: GemvConfig | None = None, runner=None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the Triton kernel; returns fp32 partials [S, B, N]. `runner` wraps the kernel (e.g. `wrap_triton`)."""
+    assert HAVE_TRITON, "triton is not installed"
+    B, K = x.shape
+    N = wt.shape[1]
+    assert wt.shape[0] == K and wt.stride(1) == 1 and wt.stride(0) == N, "wt must be a contiguous [K, N]"
+    assert x.stride(1) == 1 and 1 <= B <= 16 and 1 <= len(widths) <= 3 and sum(widths) == N
+    cfg = config or default_config(K, N, B)
+    use_dot = cfg.use_dot or B > 1
+    block_b = 16 if use_dot else 1
+    w = list(widths) + [0] * (3 - len(widths))
+    tiles = _tiles(w, cfg.block_n)
+    n_tiles = sum(tiles)
+    kr = cfg.kr
+    chunk = min(cfg.chunk, kr)
+    splits = math.ceil(K / kr)
+    if out is None:
+        out = torch.empty((splits, B, N), device=x.device, dtype=torch.float32)
+    assert out.shape == (splits, B, N) and out.dtype == torch.float32 and out.is_contiguous()
+    scratch = torch.empty((1,) if dense else (splits * n_tiles * kr,), device=x.device, dtype=torch.int32)
+    kernel = _sparse_gemv_kernel if runner is None else runner(_sparse_gemv_kernel)
+    kernel[(n_tiles, splits)](
+        x, wt, t, out, scratch, B, K, N, x.stride(0), w[0], w[1], w[2],
+        tiles[0], tiles[0] + tiles[1], n_tiles,
+        KR=kr, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=chunk, BLOCK_B=block_b,
+        DENSE=dense, USE_DOT=use_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def num_splits(K: int, N: int, B: int, config: GemvConfig | None = None) -> int:
+    cfg = config or default_config(K, N, B)
+    return math.ceil(K / cfg.kr)
