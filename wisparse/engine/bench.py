@@ -329,6 +329,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
     if configs_path:
         with open(configs_path) as f:
             best = json.load(f)
+        best = best.get("configs", best)  # a results JSON from an earlier run, or a bare configs dict
     elif sweep:
         best = sweep_configs(sweep_shapes, batches=(1, 8), log=log)
     else:

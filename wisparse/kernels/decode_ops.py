@@ -153,7 +153,7 @@ if HAVE_TRITON:
         nsp = tl.num_programs(1)
         b = bh // HKV
         hk = bh % HKV
-        pos = tl.load(pos_ptr)
+        pos = tl.load(pos_ptr).to(tl.int32)
         lo = sp * SPLIT_L
         hi = tl.minimum(lo + SPLIT_L, pos + 1)
         if window > 0:
