@@ -296,7 +296,8 @@ def _decode_rows(dec, gen, prompt, new_tokens, runs, label, log) -> dict:
 def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8), levels=(0.4, 0.5, 0.6),
         nonuniform: bool = True, contexts=(1024, 4096), prompt_len: int = 128, new_tokens: int = 256,
         context_new_tokens: int = 64, runs: int = 3, sweep: bool = True, configs_path: str | None = None,
-        budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, log=print) -> dict:
+        budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, sweep_models=None,
+        log=print) -> dict:
     from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
     from .generate import GraphGenerator
     from .model import Decoder
@@ -322,7 +323,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
 
     # configurations
     sweep_shapes = {}
-    for m in models:
+    for m in tuple(models) + tuple(sweep_models or ()):
         for g, v in _shape_dims(m).items():
             sweep_shapes[f"{v[0]}x{sum(v[1])}x{len(v[1])}"] = v
     sweep_shapes["4096x14336x1"] = (4096, [14336])
@@ -506,6 +507,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per row (after one warm-up); the median is kept")
     ap.add_argument("--no-sweep", action="store_true", help="skip the kernel configuration sweep (use heuristics)")
     ap.add_argument("--configs", default=None, help="JSON of launch configs from an earlier run (skips the sweep)")
+    ap.add_argument("--sweep-models", default="", help="extra named shapes whose matrices the sweep also tunes")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop optional rows after this many seconds")
     ap.add_argument("--out", default="benchmarks/results/decode_h200", help="output path stem (.json and .md)")
 
@@ -518,6 +520,7 @@ def run_from_args(a) -> dict:
               levels=tuple(float(v) for v in a.levels.split(",") if v), nonuniform=not a.no_nonuniform,
               contexts=ints(a.contexts), prompt_len=a.prompt_len, new_tokens=a.new_tokens, runs=a.runs,
               sweep=not a.no_sweep, configs_path=a.configs, budget_s=a.budget_s,
+              sweep_models=tuple(v for v in a.sweep_models.split(",") if v),
               out_json=a.out + ".json", out_md=a.out + ".md")
     print(markdown(res))
     return res

@@ -22,11 +22,19 @@ class GraphGenerator:
         self.batch, self.max_len, self.max_new = batch, max_len, max_new_tokens
         self.use_graph = decoder.device.type == "cuda" if use_graph is None else use_graph
         decoder.setup_cache(batch, max_len)
+        # this generator's buffers; re-bound to the decoder before each use (another generator may have replaced
+        # them), so a captured graph always finds the tensors it was captured with
+        self._state = (decoder.k_cache, decoder.v_cache, decoder.cos, decoder.sin, decoder.tokens, decoder.B,
+                       decoder.L)
         dev = decoder.device
         self.out = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=dev)
         self.idx = torch.zeros(1, dtype=torch.long, device=dev)
         self.logits = None
         self.graph = None
+
+    def _bind(self) -> None:
+        d = self.dec
+        d.k_cache, d.v_cache, d.cos, d.sin, d.tokens, d.B, d.L = self._state
 
     def _step(self) -> None:
         d = self.dec
@@ -40,6 +48,7 @@ class GraphGenerator:
 
     def capture(self) -> None:
         """Warm up (compiles the Triton kernels) and capture the step; the cache contents are restored after."""
+        self._bind()
         d = self.dec
         saved = (d.pos.clone(), d.tokens.clone(), self.idx.clone())
         s = torch.cuda.Stream()
@@ -67,6 +76,7 @@ class GraphGenerator:
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """prompt [B, T] -> first generated token [B] (greedy); the cache holds the prompt."""
+        self._bind()
         logits = self.dec.prefill(prompt.to(self.dec.device))
         first = logits[:, -1].argmax(-1)
         self.dec.tokens.copy_(first)
@@ -77,6 +87,7 @@ class GraphGenerator:
     def decode(self, n: int) -> torch.Tensor:
         """n graph replays (no host sync inside); returns the n tokens generated [B, n]."""
         assert n <= self.max_new
+        self._bind()
         start = int(self.dec.pos.item()) if not self.use_graph else None
         if start is not None:
             assert start + n <= self.max_len
