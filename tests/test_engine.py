@@ -134,6 +134,19 @@ def test_generate_matches_transformers_greedy(family):
     assert torch.equal(got, want)
 
 
+def test_generator_survives_other_generators_and_calibration():
+    cfg = hf_config("llama-3.1-8b", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, vocab_size=100)
+    dec = Decoder.random(cfg, device="cpu", dtype=torch.float32)
+    assert dec.lm_head_t is not None and dec.lm_head_t.is_contiguous()  # untied head stored transposed, once
+    prompt = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    gen = GraphGenerator(dec, batch=2, max_len=32, max_new_tokens=12)
+    a = gen.generate(prompt, 10)
+    calibrate(dec, uniform_levels(dec, 0.0), n_prompts=1, prompt_len=4, steps=2)  # builds its own generator
+    GraphGenerator(dec, batch=1, max_len=16, max_new_tokens=4).generate(prompt[:1], 3)
+    assert torch.equal(gen.generate(prompt, 10), a)
+
+
 def test_topk_modules_refused():
     m = tiny_model("llama")
     mods = sparsify(m)

@@ -279,7 +279,8 @@ def _shape_dims(name: str) -> dict[str, tuple[int, list[int]]]:
     c = hf_config(name)
     D, H, Hkv, I = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
     Dh = getattr(c, "head_dim", None) or D // H
-    return {"qkv": (D, [H * Dh, Hkv * Dh, Hkv * Dh]), "o": (H * Dh, [D]), "gu": (D, [I, I]), "down": (I, [D])}
+    return {"qkv": (D, [H * Dh, Hkv * Dh, Hkv * Dh]), "o": (H * Dh, [D]), "gu": (D, [I, I]), "down": (I, [D]),
+            "lm_head": (D, [c.vocab_size])}
 
 
 def _decode_rows(dec, gen, prompt, new_tokens, runs, label, log) -> dict:

@@ -98,6 +98,11 @@ class Decoder:
         self.V = config.vocab_size
         self.eps = config.rms_norm_eps
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        # lm_head [V, D]; when it is a view of a transposed [D, V] storage (untied heads), the dense Triton GEMV
+        # reads it (faster than cuBLAS's GEMV on this shape); tied heads stay row-major for the embedding lookup
+        self.lm_head_t = lm_head.t() if (lm_head.dim() == 2 and lm_head.t().is_contiguous()
+                                         and lm_head.data_ptr() != embed.data_ptr()) else None
+        self._dense_t = torch.full((1, self.D), -1.0, device=device)
         self.dtype, self.device = dtype, torch.device(device)
         self.sparse = True          # False: every group dense (thresholds ignored)
         self.backend = "triton"     # "triton": sparse GEMV op; "cublas": F.linear on the weight views
@@ -149,6 +154,10 @@ class Decoder:
             layers.append(Layer(ln1=blk.input_layernorm.weight.detach(), ln2=blk.post_attention_layernorm.weight.detach(),
                                 window=window, **groups))
         lm_head = model.lm_head.weight.detach() if hasattr(model, "lm_head") else core.embed_tokens.weight.detach()
+        if share_weights and lm_head.data_ptr() != core.embed_tokens.weight.data_ptr():
+            lm_t = lm_head.t().contiguous()  # stored once, transposed; the model's head becomes a view of it
+            model.lm_head.weight.data = lm_t.t()
+            lm_head = model.lm_head.weight.detach()
         return cls(config, core.embed_tokens.weight.detach(), layers, core.norm.weight.detach(), lm_head, dtype, device)
 
     @classmethod
@@ -182,7 +191,7 @@ class Decoder:
                 qkv=group(D, [H * Dh, Hkv * Dh, Hkv * Dh], qkv_bias), o=group(H * Dh, [D]),
                 gu=group(D, [I, I]), down=group(I, [D]), window=_window(config, i)))
         embed = rnd(config.vocab_size, D)
-        lm_head = embed if config.tie_word_embeddings else rnd(config.vocab_size, D)
+        lm_head = embed if config.tie_word_embeddings else rnd(D, config.vocab_size).t()
         return cls(config, embed, layers, torch.ones(D, device=device, dtype=dtype), lm_head, dtype, device)
 
     def groups(self):
@@ -312,6 +321,8 @@ class Decoder:
             m = ops.silu_mul(p, self.I, self.dtype)
             p = self._gemv(i, "down", lyr.down, m)
             x = ops.add_rmsnorm(h, p, self.layers[i + 1].ln1 if i + 1 < n else self.norm, self.eps)
+        if self.backend == "triton" and self.lm_head_t is not None:
+            return torch.ops.wisparse.sparse_gemv(x, self.lm_head_t, self._dense_t, [self.V], True).sum(0).to(x.dtype)
         return F.linear(x, self.lm_head)
 
     def param_counts(self) -> dict[tuple[int, str], list[int]]:
