@@ -96,11 +96,9 @@ def _weights(K: int, N: int, dtype, transposed: bool = True) -> list[torch.Tenso
 
 
 SWEEP = [  # (block_n, kr, block_k, num_warps, num_stages, use_dot)
-    (128, 1024, 32, 4, 2, False), (128, 512, 32, 4, 2, False), (128, 256, 32, 4, 2, False),
-    (64, 512, 32, 4, 2, False), (64, 256, 32, 4, 2, False), (256, 1024, 32, 8, 2, False),
-    (256, 512, 16, 4, 2, False), (128, 512, 16, 4, 3, False), (128, 512, 64, 8, 2, False),
-    (128, 512, 32, 4, 1, False), (128, 512, 32, 4, 3, False), (128, 1024, 32, 8, 3, False),
-    (64, 1024, 64, 4, 2, False), (256, 256, 32, 8, 2, False), (128, 1024, 64, 8, 3, False),
+    (128, 1024, 32, 4, 2, False), (128, 512, 32, 4, 2, False), (64, 512, 32, 4, 2, False),
+    (256, 1024, 32, 8, 2, False), (128, 512, 64, 8, 2, False), (128, 512, 32, 4, 3, False),
+    (128, 256, 32, 4, 2, False), (64, 1024, 64, 4, 2, False),
     (128, 512, 64, 4, 2, True), (64, 512, 64, 4, 2, True), (128, 1024, 32, 4, 3, True), (64, 256, 32, 4, 2, True),
 ]
 
@@ -187,27 +185,31 @@ def time_linear(K: int, N: int, B: int, dtype=torch.bfloat16, seed: int = 0) -> 
     return {"us": tm * 1e6, "tbps": (wbytes + B * K * 2 + B * N * 2) / tm / 1e12}
 
 
-def sweep_configs(shapes: dict[str, tuple[int, list[int]]], batches=(1, 8), log=print) -> dict:
-    """Best config per (shape, batch, dense) from SWEEP; sparse picked at 50%. Installs them with set_config."""
+def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print) -> dict:
+    """Best config per (shape, batch, dense) from SWEEP: batch 1 (FMA configs) sparse at 50% and dense, batch 8
+    (tensor-core configs) sparse at 50%, also used dense. lm_head shapes (one projection over 30k wide) dense only."""
     best = {}
     for name, (K, widths) in shapes.items():
-        N = sum(widths)
-        for B in batches:
-            for dense in (False, True):
-                cands = [c for c in SWEEP if c[5] == (B > 1)]
-                res = []
-                for c in cands:
-                    try:
-                        r = time_kernel(K, widths, B, 0.5, _cfg(c), dense=dense)
-                        res.append((r["us"], c))
-                    except Exception as e:  # a config that does not compile / fit
-                        log(f"  config {c} failed: {type(e).__name__}: {str(e)[:120]}")
-                res.sort()
-                us, c = res[0]
-                log(f"sweep {name} B={B} dense={dense}: best {c} {us:.1f} us; "
-                    + ", ".join(f"{r[1][:5]}={r[0]:.1f}" for r in res[:4]))
-                best[f"{name}|{B}|{int(dense)}"] = {"config": list(c), "us": us,
-                                                    "all": [[list(r[1]), r[0]] for r in res]}
+        head = len(widths) == 1 and widths[0] >= 30000
+        for B, dense in ((1, False), (1, True), (8, False)):
+            if head and not dense and B == 1:
+                continue
+            cands = [c for c in SWEEP if c[5] == (B > 1)]
+            res = []
+            for c in cands:
+                try:
+                    r = time_kernel(K, widths, B, 0.5, _cfg(c), dense=dense)
+                    res.append((r["us"], c))
+                except Exception as e:  # a config that does not compile / fit
+                    log(f"  config {c} failed: {type(e).__name__}: {str(e)[:120]}")
+            res.sort()
+            us, c = res[0]
+            log(f"sweep {name} B={B} dense={dense}: best {c} {us:.1f} us; "
+                + ", ".join(f"{r[1][:5]}={r[0]:.1f}" for r in res[:4]))
+            entry = {"config": list(c), "us": us, "all": [[list(r[1]), r[0]] for r in res]}
+            best[f"{name}|{B}|{int(dense)}"] = entry
+            if B == 8:
+                best[f"{name}|8|1"] = entry
     return best
 
 
@@ -299,14 +301,12 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
         context_new_tokens: int = 64, runs: int = 3, sweep: bool = True, configs_path: str | None = None,
         budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, sweep_models=None,
         log=print) -> dict:
-    from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
-    from .generate import GraphGenerator
-    from .model import Decoder
+    import traceback
+
+    import triton
 
     t_start = time.time()
     left = lambda: budget_s - (time.time() - t_start)  # noqa: E731
-    import triton
-
     res = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "python": platform.python_version(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())},
            "protocol": {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup_runs": 1,
@@ -317,79 +317,118 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
                                       "decode tokens of 4 random prompts through the same model (2 passes)",
                         "positions": "all positions sparsified (prefill and decode)",
                         "realised": "parameter-weighted fraction of dropped input channels over the 7 projections, "
-                                    "counted in a second capture of the same decode with counting ops added (same tokens checked)"}}
+                                    "counted in a second capture of the same decode with counting ops added "
+                                    "(same tokens checked)",
+                        "context_rows": f"prompt of the given length, then {context_new_tokens} new tokens"},
+           "errors": [], "decode": []}
+
+    def save():
+        res["elapsed_s"] = time.time() - t_start
+        if out_json:
+            with open(out_json, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+        if out_md:
+            with open(out_md, "w") as f:
+                f.write(markdown(res))
+
+    def section(name, fn, *a):
+        try:
+            fn(*a)
+        except Exception as e:  # record and go on: one broken section must not cost the rest of the lease
+            tb = traceback.format_exc()
+            log(f"SECTION {name} FAILED: {type(e).__name__}: {e}\n{tb}")
+            res["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}", "traceback": tb[-3000:]})
+            torch.cuda.synchronize()
+        save()
+
     res["copy_tbps"] = copy_bandwidth() / 1e12
     log(f"GPU {res['env']['gpu']}, copy bandwidth {res['copy_tbps']:.2f} TB/s (read+write)")
-    res["kernel_check"] = check_kernel(log=log)
+    section("kernel_check", lambda: res.__setitem__("kernel_check", check_kernel(log=log)))
 
-    # configurations
     sweep_shapes = {}
     for m in tuple(models) + tuple(sweep_models or ()):
         for g, v in _shape_dims(m).items():
             sweep_shapes[f"{v[0]}x{sum(v[1])}x{len(v[1])}"] = v
     sweep_shapes["4096x14336x1"] = (4096, [14336])
-    if configs_path:
-        with open(configs_path) as f:
-            best = json.load(f)
-        best = best.get("configs", best)  # a results JSON from an earlier run, or a bare configs dict
-    elif sweep:
-        best = sweep_configs(sweep_shapes, batches=(1, 8), log=log)
-    else:
-        best = {}
-    best = {k: v for k, v in best.items() if k.split("|")[0] in sweep_shapes}
-    install_configs(best, sweep_shapes)
-    res["configs"] = best
 
-    # kernel table: acceptance shapes, sparsity 0..95%, against F.linear
-    ktab = []
+    def configs():
+        if configs_path:
+            with open(configs_path) as f:
+                best = json.load(f)
+            best = best.get("configs", best)  # a results JSON from an earlier run, or a bare configs dict
+        elif sweep:
+            best = sweep_configs(sweep_shapes, log=log)
+        else:
+            best = {}
+        best = {k: v for k, v in best.items() if k.split("|")[0] in sweep_shapes}
+        install_configs(best, sweep_shapes)
+        res["configs"] = best
+
+    section("configs", configs)
+    res["kernels"] = []
+    section("kernel_table", _kernel_table, res, log)
+    for mi, name in enumerate(models):
+        if left() < 60:
+            log(f"budget: skipping {name}")
+            res["errors"].append({"section": f"decode {name}", "error": "skipped: time budget"})
+            continue
+        section(f"decode {name}", _decode_model, res, mi, name, batches, levels, nonuniform, contexts, prompt_len,
+                new_tokens, context_new_tokens, runs, left, log)
+        torch.cuda.empty_cache()
+    save()
+    return res
+
+
+def _kernel_table(res, log) -> None:
+    """Acceptance shapes at sparsity 0..95% against F.linear (inside CUDA graphs)."""
     for label, K, widths in (("14336x4096 (gate/up: in 4096, out 14336)", 4096, [14336]),
                              ("4096x14336 (down: in 14336, out 4096)", 14336, [4096])):
         N = sum(widths)
         for B in (1, 8):
             lin = time_linear(K, N, B)
-            ktab.append({"matrix": label, "B": B, "path": "F.linear (cuBLAS)", "sparsity": 0.0, **lin})
-            for sp in (None, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+            res["kernels"].append({"matrix": label, "B": B, "path": "F.linear (cuBLAS)", "sparsity": 0.0, **lin})
+            for sp in ((None, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95) if B == 1
+                       else (None, 0.0, 0.5, 0.9)):
                 dense = sp is None
                 cfg = kops.get_config(K, N, B, dense)
                 r = time_kernel(K, widths, B, sp or 0.0, cfg, dense=dense)
                 row = {"matrix": label, "B": B, "path": "triton dense" if dense else "triton sparse",
                        "sparsity": 0.0 if dense else sp, **r, "copy_fraction": r["tbps"] / res["copy_tbps"],
-                       "vs_linear": lin["us"] / r["us"]}
-                ktab.append(row)
+                       "vs_linear": lin["us"] / r["us"], "config": asdict(cfg)}
+                res["kernels"].append(row)
                 log(f"kernel {label[:10]} B={B} {row['path']:13s} sp={row['sparsity']:.2f} "
                     f"(realised {r['realised']:.3f}): {r['us']:7.1f} us {r['tbps']:.2f} TB/s "
                     f"({row['copy_fraction']:.0%} of copy), F.linear {lin['us']:.1f} us")
-    res["kernels"] = ktab
 
-    # decode loop
-    res["decode"] = []
-    for mi, name in enumerate(models):
-        if left() < 60:
-            log(f"budget: skipping {name}")
-            continue
-        torch.manual_seed(0)
-        dec = Decoder.random(name, device="cuda", dtype=torch.bfloat16, seed=mi)
-        gprompt = torch.Generator().manual_seed(0)
-        th = {}
-        lv_list = [("uniform", lv, uniform_levels(dec, lv)) for lv in levels]
-        if nonuniform:
-            lv_list.append(("non-uniform", 0.5, nonuniform_levels(dec)))
-        main_batches = batches if mi == 0 else (1,)
-        for B in main_batches:
-            if left() < 30:
-                break
-            prompt = torch.randint(0, dec.V, (B, prompt_len), generator=gprompt).cuda()
-            gen = GraphGenerator(dec, batch=B, max_len=prompt_len + new_tokens + 64, max_new_tokens=new_tokens)
-            rows = []
-            dec.sparse = False
-            for backend in ("cublas", "triton"):
-                dec.backend = backend
-                r = _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} dense {backend}", log)
-                rows.append({"model": name, "B": B, "ctx": prompt_len, "config": f"dense ({backend})",
-                             "nominal": 0.0, **r})
-            dense_best = max(rows, key=lambda r: r["tok_s"])
-            dense_tokens = dense_best["_tokens"]
-            dec.backend = "triton"
+
+def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_len, new_tokens, context_new_tokens,
+                  runs, left, log) -> None:
+    from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
+    from .generate import GraphGenerator
+    from .model import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder.random(name, device="cuda", dtype=torch.bfloat16, seed=mi)
+    gprompt = torch.Generator().manual_seed(0)
+    th = {}
+    lv_list = [("uniform", lv, uniform_levels(dec, lv)) for lv in levels]
+    if nonuniform:
+        lv_list.append(("non-uniform", 0.5, nonuniform_levels(dec)))
+    main_batches = batches if mi == 0 else (1,)
+    for B in main_batches:
+        if left() < 30:
+            break
+        prompt = torch.randint(0, dec.V, (B, prompt_len), generator=gprompt).cuda()
+        gen = GraphGenerator(dec, batch=B, max_len=prompt_len + new_tokens + 64, max_new_tokens=new_tokens)
+        rows = []
+        dec.sparse = False
+        for backend in ("cublas", "triton"):
+            dec.backend = backend
+            r = _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} dense {backend}", log)
+            rows.append({"model": name, "B": B, "ctx": prompt_len, "config": f"dense ({backend})", "nominal": 0.0, **r})
+        dense_best = max(rows, key=lambda r: r["tok_s"])
+        dec.backend = "triton"
+        try:
             for kind, lv, levels_map in lv_list:
                 if B > 1 and not (kind == "uniform" and lv == 0.5):
                     continue
@@ -404,10 +443,13 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
                 real = measure_realised(dec, gen, prompt, new_tokens)
                 same = bool(torch.equal(real.pop("tokens"), r["_tokens"]))
                 rows.append({"model": name, "B": B, "ctx": prompt_len, "config": f"{kind} {lv:.2f}",
-                             "nominal": weighted_mean(dec, levels_map), "realised": real, "metered_tokens_identical": same,
-                             "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"], **r})
-                log(f"    realised {real['weighted']:.3f} (by group {', '.join(f'{k} {v:.3f}' for k, v in real['by_group'].items())}),"
-                    f" speedup {rows[-1]['speedup_vs_dense']:.2f}x")
+                             "nominal": weighted_mean(dec, levels_map), "realised": real,
+                             "metered_tokens_identical": same, "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"],
+                             **r})
+                log(f"    realised {real['weighted']:.3f} (by group "
+                    f"{', '.join(f'{k} {v:.3f}' for k, v in real['by_group'].items())}), "
+                    f"speedup {rows[-1]['speedup_vs_dense']:.2f}x")
+        finally:
             for r in rows:
                 r["dense_tok_s"] = dense_best["tok_s"]
                 r["dense_path"] = dense_best["config"]
@@ -415,55 +457,44 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
             res["decode"].extend(rows)
             del gen
             torch.cuda.empty_cache()
-        # context lengths (first model only)
-        if mi == 0:
-            for ctx in contexts:
-                if left() < 40:
-                    break
-                prompt = torch.randint(0, dec.V, (1, ctx), generator=gprompt).cuda()
-                gen = GraphGenerator(dec, batch=1, max_len=ctx + context_new_tokens + 64,
-                                     max_new_tokens=context_new_tokens)
-                rows = []
-                dec.sparse = False
-                for backend in ("cublas", "triton"):
-                    dec.backend = backend
-                    r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} dense {backend}", log)
-                    rows.append({"model": name, "B": 1, "ctx": ctx, "config": f"dense ({backend})", "nominal": 0.0,
-                                 "new_tokens": context_new_tokens, **r})
-                dense_best = max(rows, key=lambda r: r["tok_s"])
-                dec.backend = "triton"
-                if ("uniform", 0.5) in th:
-                    dec.set_thresholds(th[("uniform", 0.5)])
-                    dec.sparse = True
-                    r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} uniform 0.50", log)
-                    rows.append({"model": name, "B": 1, "ctx": ctx, "config": "uniform 0.50", "nominal": 0.5,
-                                 "new_tokens": context_new_tokens,
-                                 "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"], **r})
-                for r in rows:
-                    r["dense_tok_s"] = dense_best["tok_s"]
-                    r.pop("_tokens", None)
-                res["decode"].extend(rows)
-                del gen
-                torch.cuda.empty_cache()
-        del dec
+    if mi != 0:
+        return
+    for ctx in contexts:  # context lengths (first model only)
+        if left() < 40:
+            break
+        prompt = torch.randint(0, dec.V, (1, ctx), generator=gprompt).cuda()
+        gen = GraphGenerator(dec, batch=1, max_len=ctx + context_new_tokens + 64, max_new_tokens=context_new_tokens)
+        rows = []
+        dec.sparse = False
+        for backend in ("cublas", "triton"):
+            dec.backend = backend
+            r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} dense {backend}", log)
+            rows.append({"model": name, "B": 1, "ctx": ctx, "config": f"dense ({backend})", "nominal": 0.0, **r})
+        dense_best = max(rows, key=lambda r: r["tok_s"])
+        dec.backend = "triton"
+        if ("uniform", 0.5) in th:
+            dec.set_thresholds(th[("uniform", 0.5)])
+            dec.sparse = True
+            r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} uniform 0.50", log)
+            rows.append({"model": name, "B": 1, "ctx": ctx, "config": "uniform 0.50", "nominal": 0.5,
+                         "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"], **r})
+        for r in rows:
+            r["dense_tok_s"] = dense_best["tok_s"]
+            r["dense_path"] = dense_best["config"]
+            r.pop("_tokens", None)
+        res["decode"].extend(rows)
+        del gen
         torch.cuda.empty_cache()
-    res["elapsed_s"] = time.time() - t_start
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-    if out_md:
-        with open(out_md, "w") as f:
-            f.write(markdown(res))
-    return res
 
 
 def markdown(res: dict) -> str:
     e = res["env"]
+    kc = res.get("kernel_check") or {"cases": 0, "worst_rel_err": float("nan"), "failures": ["not run"]}
     L = [f"# Decode speed on {e['gpu']}", "",
          f"torch {e['torch']}, triton {e['triton']}, {e['date_utc']} UTC. Measured copy bandwidth "
-         f"{res['copy_tbps']:.2f} TB/s (bytes read + written). Kernel check vs float64: "
-         f"{res['kernel_check']['cases']} random cases, worst relative error {res['kernel_check']['worst_rel_err']:.1e}, "
-         f"{len(res['kernel_check']['failures'])} failures.", "",
+         f"{res.get('copy_tbps', float('nan')):.2f} TB/s (bytes read + written). Kernel check vs float64: "
+         f"{kc['cases']} random cases, worst relative error {kc['worst_rel_err']:.1e}, "
+         f"{len(kc['failures'])} failures.", "",
          "Protocol: " + "; ".join(f"{k}: {v}" for k, v in res["protocol"].items()), "",
          "## Decode tokens/s (batch rows; tokens/s per row)", "",
          "| model | B | context | config | nominal | realised | tok/s | x dense | dense tok/s (path) | prefill ms |",
@@ -482,6 +513,8 @@ def markdown(res: dict) -> str:
         L.append(f"| {r['matrix']} | {r['B']} | {r['path']} | {r['sparsity']:.2f} | {r.get('realised', 0):.3f} | "
                  f"{r['us']:.1f} | {r['tbps']:.2f} | {r.get('copy_fraction', r['tbps'] / res['copy_tbps']):.0%} | "
                  f"{r.get('vs_linear', 1.0):.2f} |")
+    if res.get("errors"):
+        L += ["", "## Errors / skipped sections", ""] + [f"- {x['section']}: {x['error']}" for x in res["errors"]]
     L += ["", "## Launch configurations chosen by the sweep (block_n, kr, block_k, warps, stages, dot)", ""]
     for k, v in res.get("configs", {}).items():
         L.append(f"- {k}: {v['config']} ({v['us']:.1f} us)")
