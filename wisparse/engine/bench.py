@@ -367,12 +367,17 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
     section("configs", configs)
     res["kernels"] = []
     section("kernel_table", _kernel_table, res, log)
-    for mi, name in enumerate(models):
+    # batch 1, every level, every model first; then the first model's other batch sizes and context lengths
+    plan = [(mi, name, (1,), levels, nonuniform, ()) for mi, name in enumerate(models)]
+    rest_b = tuple(b for b in batches if b != 1)
+    if models and (rest_b or contexts):
+        plan.append((0, models[0], rest_b, tuple(lv for lv in levels if lv == 0.5) or levels[:1], False, contexts))
+    for mi, name, bs, lvs, nonu, ctxs in plan:
         if left() < 60:
-            log(f"budget: skipping {name}")
-            res["errors"].append({"section": f"decode {name}", "error": "skipped: time budget"})
+            log(f"budget: skipping {name} B={bs} contexts={ctxs}")
+            res["errors"].append({"section": f"decode {name} B={bs} ctx={ctxs}", "error": "skipped: time budget"})
             continue
-        section(f"decode {name}", _decode_model, res, mi, name, batches, levels, nonuniform, contexts, prompt_len,
+        section(f"decode {name} B={bs} ctx={ctxs}", _decode_model, res, mi, name, bs, lvs, nonu, ctxs, prompt_len,
                 new_tokens, context_new_tokens, runs, left, log)
         torch.cuda.empty_cache()
     save()
@@ -414,8 +419,7 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
     lv_list = [("uniform", lv, uniform_levels(dec, lv)) for lv in levels]
     if nonuniform:
         lv_list.append(("non-uniform", 0.5, nonuniform_levels(dec)))
-    main_batches = batches if mi == 0 else (1,)
-    for B in main_batches:
+    for B in batches:
         if left() < 30:
             break
         prompt = torch.randint(0, dec.V, (B, prompt_len), generator=gprompt).cuda()
@@ -430,8 +434,6 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
         dec.backend = "triton"
         try:
             for kind, lv, levels_map in lv_list:
-                if B > 1 and not (kind == "uniform" and lv == 0.5):
-                    continue
                 if left() < 20:
                     break
                 key = (kind, lv)
@@ -457,9 +459,7 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
             res["decode"].extend(rows)
             del gen
             torch.cuda.empty_cache()
-    if mi != 0:
-        return
-    for ctx in contexts:  # context lengths (first model only)
+    for ctx in contexts:
         if left() < 40:
             break
         prompt = torch.randint(0, dec.V, (1, ctx), generator=gprompt).cuda()
@@ -472,7 +472,9 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
             rows.append({"model": name, "B": 1, "ctx": ctx, "config": f"dense ({backend})", "nominal": 0.0, **r})
         dense_best = max(rows, key=lambda r: r["tok_s"])
         dec.backend = "triton"
-        if ("uniform", 0.5) in th:
+        if ("uniform", 0.5) not in th:
+            th[("uniform", 0.5)] = calibrate(dec, uniform_levels(dec, 0.5))
+        if True:
             dec.set_thresholds(th[("uniform", 0.5)])
             dec.sparse = True
             r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} uniform 0.50", log)
