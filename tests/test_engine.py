@@ -229,8 +229,57 @@ def test_gpu_graph_decode_matches_transformers(family, sparse):
     err = ((got - ref[:, 40:]).norm() / ref[:, 40:].norm()).item()
     # bf16: rounding differs from transformers' order of operations; with sparsity, masks also flip at thresholds
     assert err < (0.03 if not sparse else 0.1), err
-    agree = (got.argmax(-1) == ref[:, 40:].argmax(-1)).float().mean().item()
-    assert agree > (0.9 if not sparse else 0.8), agree
+    _report(f"graph decode vs transformers {family} {'sparse' if sparse else 'dense'} bf16: rel err {err:.2e}")
+
+
+def _report(line):
+    import os
+
+    print(line)
+    path = os.environ.get("WISPARSE_GPU_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gpu_mask_flip_rate(family):
+    """bf16: the engine's masks against the transformers model's, token by token (flips happen at the threshold)."""
+    from wisparse.engine.model import GROUPS
+
+    m, mods = _gpu_tiny(family, True)
+    toks = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(1)).cuda()
+    hf_masks = {}
+    for sl in mods.values():
+        sl.meter = _record_masks(hf_masks)
+    with torch.no_grad():
+        m(toks)
+    for sl in mods.values():
+        sl.meter = None
+    dec = Decoder.from_hf(m)
+    dec.setup_cache(2, 64)
+    eng = {}
+    dec.prefill(toks[:, :32])
+    dec.hook = lambda i, g, x: eng.setdefault((i, g), []).append(x.clone())
+    with torch.no_grad():
+        for j in range(32, 48):
+            dec.tokens.copy_(toks[:, j])
+            dec.step()
+            dec.pos += 1
+    flips = total = dropped = 0
+    for (i, g), xs in eng.items():
+        x = torch.stack(xs, 1)  # [B, 16, K]
+        for p, name in enumerate(GROUPS[g][1]):
+            hm = hf_masks[f"{i}.{GROUPS[g][0]}.{name}"][0].view(2, 48, -1)[:, 32:]
+            em = x.abs() > getattr(dec.layers[i], g).t[p]
+            flips += int((hm != em).sum())
+            total += hm.numel()
+            dropped += int((~hm).sum())
+    rate = flips / total
+    _report(f"mask flips engine vs transformers {family} bf16 decode: {flips}/{total} = {rate:.2e} "
+            f"(hf sparsity {dropped / total:.3f})")
+    assert rate < 0.02
 
 
 @pytest.mark.gpu
