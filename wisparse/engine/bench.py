@@ -108,7 +108,7 @@ def _cfg(t) -> GemvConfig:
     return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=dot)
 
 
-def check_kernel(n_cases: int = 40, seed: int = 0, log=print) -> dict:
+def check_kernel(n_cases: int = 24, seed: int = 0, log=print) -> dict:
     """Random shapes / dtypes / batch sizes / sparsities / configs vs a float64 reference; poisoned outputs."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
