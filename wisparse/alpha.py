@@ -5,10 +5,11 @@ Choosing each layer's alpha by that layer's own reconstruction error was measure
 the KL divergence of the sparsified model's next-token distribution from the dense model's, on selection windows
 (never evaluation text):
 
-1. global: one alpha for all blocks, every value of the grid (so the result is never worse than TEAL's alpha=0
-   or WINA's alpha=1 on selection text, both being in the grid);
-2. block: one sweep over the blocks, each trying every other alpha of the grid with the rest fixed, keeping a
-   change only when the KL falls.
+1. global: one alpha for all blocks, every value of the grid (the grid holds TEAL's 0 and WINA's 1, so the
+   choice is never worse than either on selection text);
+2. block: one sweep over the blocks in forward order, each trying every other alpha of the grid with the rest
+   fixed, keeping a change only when the KL falls. A trial of block b reruns only blocks b.. from the cached
+   hidden states entering block b, and swaps precomputed thresholds: no weight or statistics work per trial.
 """
 from __future__ import annotations
 
@@ -19,12 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wisparse.calibrate import CalibrationStats
+from wisparse.calibrate import BlockRunner, CalibrationStats
 from wisparse.errors import WisparseError
 from wisparse.models.adapters import adapter_for
-from wisparse.sparsify import build_config, sparsify_, unsparsify_
+from wisparse.sparsify import apply_projection, build_config, sparsify_, unsparsify_
 
 SEARCHES = ("global", "block")
+
+
+def _kl(log_p: torch.Tensor, logits: torch.Tensor) -> float:
+    """Summed KL(p || softmax(logits)) over the tokens of one window."""
+    log_q = F.log_softmax(logits.float(), -1)
+    log_p = log_p.float()
+    kl = (log_p.exp() * (log_p - log_q)).sum()
+    if not torch.isfinite(kl):
+        raise WisparseError("non-finite (NaN/Inf) logits during alpha selection")
+    return float(kl)
 
 
 @torch.no_grad()
@@ -37,20 +48,14 @@ def dense_log_probs(model: nn.Module, windows: torch.Tensor) -> list[torch.Tenso
 
 @torch.no_grad()
 def kl_to_dense(model: nn.Module, windows: torch.Tensor, reference: list[torch.Tensor]) -> float:
-    """Mean over tokens of KL(dense || sparse)."""
+    """Mean over tokens of KL(dense || model), running the whole model."""
     device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for window, ref in zip(windows, reference):
-        log_q = F.log_softmax(model(input_ids=window[None].to(device), use_cache=False).logits[0].float(), -1)
-        log_p = ref.float()
-        kl = (log_p.exp() * (log_p - log_q)).sum()
-        if not torch.isfinite(kl):
-            raise WisparseError("non-finite (NaN/Inf) logits during alpha selection")
-        total += float(kl)
-        tokens += window.numel()
-    return total / tokens
+    total = sum(_kl(ref, model(input_ids=w[None].to(device), use_cache=False).logits[0])
+                for w, ref in zip(windows, reference))
+    return total / windows.numel()
 
 
+@torch.no_grad()
 def select_alphas(
     model: nn.Module,
     stats: CalibrationStats | None,
@@ -68,45 +73,69 @@ def select_alphas(
     and is dense again on return. `windows` are selection tokens."""
     if search not in SEARCHES:
         raise WisparseError(f"unknown alpha search {search!r}; choose one of {', '.join(SEARCHES)}")
-    grid = tuple(grid if grid is not None else stats.alpha_grid)
+    if grid is None:
+        if stats is None:
+            raise WisparseError("give an alpha grid or calibration statistics")
+        grid = stats.alpha_grid
+    grid = tuple(grid)
     if stats is not None and mode == "threshold" and not set(grid) <= set(stats.alpha_grid):
         raise WisparseError(f"alpha grid {grid} is not covered by the calibration statistics {stats.alpha_grid}")
     start = time.perf_counter()
     adapter = adapter_for(model)
     n_blocks = len(adapter.blocks(model))
-    block_alpha = [grid[0]] * n_blocks
     reference = dense_log_probs(model, windows)
+    configs = {a: build_config(model, stats, "wisparse", mode, sparsities, {n: a for n in sparsities},
+                               share_site_masks=share_site_masks, positions=positions) for a in grid}
+    sparsify_(model, configs[grid[0]])
+    site_of = {}
+    for b in range(n_blocks):
+        for site in adapter.sites:
+            names = [f"{adapter.blocks_path}.{b}.{p}" for p in site.projections]
+            site_of.update({n: names for n in names})
+    names_of_block = [[n for n in sparsities if adapter.block_index(n) == b] for b in range(n_blocks)]
+    block_alpha = [grid[0]] * n_blocks
 
-    def evaluate() -> float:
-        alphas = {n: block_alpha[adapter.block_index(n)] for n in sparsities}
-        config = build_config(model, stats, "wisparse", mode, sparsities, alphas,
-                              share_site_masks=share_site_masks, positions=positions)
-        sparsify_(model, config)
-        return kl_to_dense(model, windows, reference)
+    def set_block(b: int, alpha: float) -> None:
+        block_alpha[b] = alpha
+        for name in names_of_block[b]:
+            apply_projection(model, configs[alpha], name, site_of[name])
+
+    runner = BlockRunner(model, windows, adapter)  # holds the hidden states entering the current block
+
+    def kl_from(b: int) -> float:
+        total = 0.0
+        for hidden, ref in zip(runner.hidden, reference):
+            for i in range(b, n_blocks):
+                hidden = runner.run(i, hidden)
+            total += _kl(ref, adapter.logits(model, hidden)[0])
+        return total / windows.numel()
 
     record = {"search": search, "grid": list(grid), "global_kl": {}, "block_changes": [], "evaluations": 0}
     for alpha in tqdm(grid, desc="alpha (global)", disable=not progress):
-        block_alpha = [alpha] * n_blocks
-        record["global_kl"][str(alpha)] = evaluate()
+        for b in range(n_blocks):
+            set_block(b, alpha)
+        record["global_kl"][str(alpha)] = kl_from(0)
     best_alpha = min(grid, key=lambda a: record["global_kl"][str(a)])
     best_kl = record["global_kl"][str(best_alpha)]
-    block_alpha = [best_alpha] * n_blocks
+    for b in range(n_blocks):
+        set_block(b, best_alpha)
     record["evaluations"] = len(grid)
     if search == "block":
-        for index in tqdm(range(n_blocks), desc="alpha (per block)", disable=not progress):
-            current = block_alpha[index]
+        for b in tqdm(range(n_blocks), desc="alpha (per block)", disable=not progress):
+            current = block_alpha[b]
             for alpha in grid:
                 if alpha == current:
                     continue
-                block_alpha[index] = alpha
-                kl = evaluate()
+                set_block(b, alpha)
+                kl = kl_from(b)
                 record["evaluations"] += 1
                 if kl < best_kl:
                     best_kl, current = kl, alpha
-                    record["block_changes"].append({"block": index, "alpha": alpha, "kl": kl})
-            block_alpha[index] = current
+                    record["block_changes"].append({"block": b, "alpha": alpha, "kl": kl})
+            set_block(b, current)
+            runner.advance(b)
     unsparsify_(model)
-    record.update(global_best=best_alpha, best_kl=best_kl, block_alphas=block_alpha,
+    record.update(global_best=best_alpha, best_kl=best_kl, block_alphas=list(block_alpha),
                   seconds=round(time.perf_counter() - start, 2), tokens=windows.numel())
     alphas = {n: block_alpha[adapter.block_index(n)] for n in sparsities}
     return alphas, record

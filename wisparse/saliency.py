@@ -17,7 +17,7 @@ from wisparse.errors import WisparseError
 METHODS = ("teal", "wina", "wisparse", "cats")
 MODES = ("threshold", "topk")
 FIXED_ALPHA = {"teal": 0.0, "wina": 1.0}
-DEFAULT_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 LOG2_MIN, LOG2_MAX, BINS = -40.0, 24.0, 8192  # 0.0078 octave per bin: thresholds within ~0.5%
 
 

@@ -120,6 +120,27 @@ def _topk_scale(model: nn.Module, config: SparsityConfig, name: str, site_names:
     return score_scale(norms, config.projections[name].alpha)
 
 
+def apply_projection(model: nn.Module, config: SparsityConfig, name: str, site_names: list[str]) -> SparseLinear:
+    """Put projection `name` (wrapped in a SparseLinear if needed) into the state `config` gives it."""
+    module = model.get_submodule(name)
+    if not isinstance(module, SparseLinear):
+        module = SparseLinear(module, name)
+        _replace(model, name, module)
+    module.positions = config.positions
+    setting = config.projections.get(name)
+    if setting is None:
+        raise WisparseError(f"config has no setting for {name}")
+    if setting.sparsity == 0 or config.method == "cats":
+        module.set_dense()
+    elif config.mode == "topk":
+        module.set_topk(topk_keep(module.in_features, setting.sparsity), _topk_scale(model, config, name, site_names))
+    else:
+        if setting.threshold is None:
+            raise WisparseError(f"config has no threshold for {name}")
+        module.set_threshold(setting.threshold)
+    return module
+
+
 def sparsify_(model: nn.Module, config: SparsityConfig) -> nn.Module:
     """Apply `config` to `model` in place (re-applying a config replaces the previous one). Returns the model."""
     config.check_matches(model)
@@ -129,23 +150,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig) -> nn.Module:
         for site in adapter.sites:
             site_names = [f"{prefix}.{p}" for p in site.projections]
             for name in site_names:
-                module = model.get_submodule(name)
-                if not isinstance(module, SparseLinear):
-                    module = SparseLinear(module, name)
-                    _replace(model, name, module)
-                module.positions = config.positions
-                setting = config.projections.get(name)
-                if setting is None:
-                    raise WisparseError(f"config has no setting for {name}")
-                if setting.sparsity == 0 or config.method == "cats":
-                    module.set_dense()
-                elif config.mode == "topk":
-                    module.set_topk(topk_keep(module.in_features, setting.sparsity),
-                                    _topk_scale(model, config, name, site_names))
-                else:
-                    if setting.threshold is None:
-                        raise WisparseError(f"config has no threshold for {name}")
-                    module.set_threshold(setting.threshold)
+                apply_projection(model, config, name, site_names)
         act_name = f"{prefix}.{adapter.gate_activation}"
         act = model.get_submodule(act_name)
         if config.method == "cats":

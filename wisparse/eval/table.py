@@ -11,7 +11,11 @@ from wisparse.config import projection_numels
 from wisparse.data import role_windows
 from wisparse.eval.cache import ResultCache
 from wisparse.eval.perplexity import perplexity
+from wisparse.saliency import DEFAULT_ALPHA_GRID
 from wisparse.sparsify import sparsify_, unsparsify_
+
+
+SELECTOR_VERSION = 2  # bump when the alpha selection changes, so cached wisparse rows are recomputed
 
 
 def fingerprint_summary(model: nn.Module) -> str:
@@ -45,12 +49,13 @@ def ppl_table(
     down_share = sum(v for k, v in numels.items() if k.endswith("down_proj")) / sum(numels.values())
     setting = dict(model=fingerprint_summary(model), dtype=str(next(model.parameters()).dtype),
                    eval_windows=len(evaluation), window_len=window_len, calib_windows=calib_windows,
-                   selection_windows=selection_windows, alpha_search=alpha_search, sequential=sequential,
-                   positions=positions)
+                   sequential=sequential, positions=positions)
+    selector = dict(selection_windows=selection_windows, alpha_search=alpha_search, alpha_grid=DEFAULT_ALPHA_GRID,
+                    selector=SELECTOR_VERSION)
     stats = calib = selection = None
     rows = []
     for method, mode, sparsity in runs:
-        spec = dict(setting, method=method, mode=mode, sparsity=sparsity)
+        spec = dict(setting, method=method, mode=mode, sparsity=sparsity, **(selector if method == "wisparse" else {}))
         row = cache.get(spec)
         if row is None:
             start = time.perf_counter()
@@ -87,8 +92,9 @@ def ppl_table(
                 row["sparsity_model_cats"] = f"{sparsity:.2f} of MLP intermediate = {sparsity * down_share:.3f} model"
             if config is not None and method == "wisparse":
                 alphas = config.selection.get("block_alphas", [])
-                row["alpha"] = "global " + str(config.selection.get("global_best")) + (
-                    f", {len(config.selection.get('block_changes', []))} block changes" if alphas else "")
+                changes = len(config.selection.get("block_changes", []))
+                row["alpha"] = f"global {config.selection.get('global_best')}" + (
+                    f", {changes} block changes" if alpha_search == "block" else "")
                 row["alpha_blocks"] = alphas
                 row["selection_seconds"] = config.selection.get("seconds")
             cache.put(spec, row)

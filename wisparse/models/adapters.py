@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from wisparse.errors import WisparseError
@@ -35,6 +36,7 @@ class Adapter:
     sites: tuple[Site, ...] = LLAMA_LIKE_SITES
     blocks_path: str = "model.layers"
     gate_activation: str = "mlp.act_fn"  # act(gate): what CATS thresholds
+    final_norm: str = "model.norm"
     bos_per_window: bool = False  # prepend BOS to every perplexity window (Gemma's tokenizer adds one)
 
     @property
@@ -43,6 +45,12 @@ class Adapter:
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the hidden states leaving the last block (what its forward computes)."""
+        logits = model.get_output_embeddings()(model.get_submodule(self.final_norm)(hidden))
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def block_index(self, name: str) -> int:
         """The block number inside a fully qualified module name such as model.layers.3.mlp.down_proj."""
