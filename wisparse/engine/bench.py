@@ -95,20 +95,32 @@ def _weights(K: int, N: int, dtype, transposed: bool = True) -> list[torch.Tenso
     return _WCACHE[key]
 
 
-SWEEP = [  # (block_n, kr, block_k, num_warps, num_stages, use_dot)
-    (128, 1024, 32, 4, 2, False), (128, 512, 32, 4, 2, False), (64, 512, 32, 4, 2, False),
-    (256, 1024, 32, 8, 2, False), (128, 512, 64, 8, 2, False), (128, 512, 32, 4, 3, False),
-    (128, 256, 32, 4, 2, False), (64, 1024, 64, 4, 2, False),
-    (128, 512, 64, 4, 2, True), (64, 512, 64, 4, 2, True), (128, 1024, 32, 4, 3, True), (64, 256, 32, 4, 2, True),
+# (block_n, kr, block_k, num_warps, num_stages, use_dot, compact, prefetch)
+SWEEP_SPARSE = [
+    (128, 1024, 64, 4, 3, True, False, False), (128, 512, 64, 4, 3, True, False, False),
+    (64, 512, 64, 4, 4, True, False, False), (128, 1024, 128, 8, 3, True, False, False),
+    (128, 512, 64, 4, 2, True, True, False), (128, 1024, 64, 4, 1, True, True, True),
+    (128, 2048, 64, 4, 2, True, True, False),
 ]
+SWEEP_DENSE = [
+    (128, 1024, 64, 4, 3, True, False, False), (128, 512, 64, 4, 3, True, False, False),
+    (64, 512, 64, 4, 4, True, False, False), (256, 1024, 64, 8, 3, True, False, False),
+    (128, 2048, 128, 8, 3, True, False, False),
+]
+SWEEP_BATCH = [
+    (128, 1024, 64, 4, 3, True, False, False), (128, 512, 64, 4, 3, True, False, False),
+    (128, 512, 64, 4, 2, True, True, False), (128, 1024, 64, 4, 1, True, True, True),
+]
+SWEEP = SWEEP_SPARSE + SWEEP_DENSE + SWEEP_BATCH
 
 
 def _cfg(t) -> GemvConfig:
-    bn, kr, bk, nw, ns, dot = t
-    return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=dot)
+    bn, kr, bk, nw, ns, dot, compact, prefetch = t
+    return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=dot,
+                      compact=compact, prefetch=prefetch)
 
 
-def check_kernel(n_cases: int = 24, seed: int = 0, log=print) -> dict:
+def check_kernel(n_cases: int = 16, seed: int = 0, log=print) -> dict:
     """Random shapes / dtypes / batch sizes / sparsities / configs vs a float64 reference; poisoned outputs."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
@@ -123,8 +135,6 @@ def check_kernel(n_cases: int = 24, seed: int = 0, log=print) -> dict:
         sp = [0.0, 0.3, 0.5, 0.7, 0.9, 0.99][c % 6]
         dense = c % 7 == 3
         cfg = _cfg(SWEEP[c % len(SWEEP)])
-        if B > 1 and not cfg.use_dot:
-            cfg = GemvConfig(**{**asdict(cfg), "use_dot": True})
         N = sum(widths)
         wt = (torch.randn(K, N, device="cuda", generator=gen) * 0.05).to(dtype)
         xs, t = _inputs(K, B, P, sp, 1, dtype, gen)
@@ -186,15 +196,14 @@ def time_linear(K: int, N: int, B: int, dtype=torch.bfloat16, seed: int = 0) -> 
 
 
 def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print) -> dict:
-    """Best config per (shape, batch, dense) from SWEEP: batch 1 (FMA configs) sparse at 50% and dense, batch 8
-    (tensor-core configs) sparse at 50%, also used dense. lm_head shapes (one projection over 30k wide) dense only."""
+    """Best config per (shape, batch, dense): batch 1 sparse at 50% (masked vs compact modes), batch 1 dense, batch 8
+    sparse at 50% (also used dense for batches 2-8). lm_head shapes (one projection over 30k wide): dense only."""
     best = {}
     for name, (K, widths) in shapes.items():
         head = len(widths) == 1 and widths[0] >= 30000
-        for B, dense in ((1, False), (1, True), (8, False)):
-            if head and not dense and B == 1:
+        for B, dense, cands in ((1, False, SWEEP_SPARSE), (1, True, SWEEP_DENSE), (8, False, SWEEP_BATCH)):
+            if head and not (dense and B == 1):
                 continue
-            cands = [c for c in SWEEP if c[5] == (B > 1)]
             res = []
             for c in cands:
                 try:
@@ -205,7 +214,7 @@ def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print) -> dict:
             res.sort()
             us, c = res[0]
             log(f"sweep {name} B={B} dense={dense}: best {c} {us:.1f} us; "
-                + ", ".join(f"{r[1][:5]}={r[0]:.1f}" for r in res[:4]))
+                + ", ".join(f"{r[1][:3]}{'C' if r[1][6] else 'M'}{'P' if r[1][7] else ''}={r[0]:.1f}" for r in res))
             entry = {"config": list(c), "us": us, "all": [[list(r[1]), r[0]] for r in res]}
             best[f"{name}|{B}|{int(dense)}"] = entry
             if B == 8:
@@ -346,7 +355,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
     section("kernel_check", lambda: res.__setitem__("kernel_check", check_kernel(log=log)))
 
     sweep_shapes = {}
-    for m in tuple(models) + tuple(sweep_models or ()):
+    for m in tuple(models[:1]) + tuple(sweep_models or ()):  # other models' shapes use the heuristic
         for g, v in _shape_dims(m).items():
             sweep_shapes[f"{v[0]}x{sum(v[1])}x{len(v[1])}"] = v
     sweep_shapes["4096x14336x1"] = (4096, [14336])
@@ -367,8 +376,10 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
     section("configs", configs)
     res["kernels"] = []
     section("kernel_table", _kernel_table, res, log)
-    # batch 1, every level, every model first; then the first model's other batch sizes and context lengths
-    plan = [(mi, name, (1,), levels, nonuniform, ()) for mi, name in enumerate(models)]
+    # batch 1: every level for the first model, 50% for the others; then the first model's other batch sizes (50%)
+    # and context lengths
+    plan = [(mi, name, (1,), levels if mi == 0 else (tuple(lv for lv in levels if lv == 0.5) or levels[:1]),
+             nonuniform and mi == 0, ()) for mi, name in enumerate(models)]
     rest_b = tuple(b for b in batches if b != 1)
     if models and (rest_b or contexts):
         plan.append((0, models[0], rest_b, tuple(lv for lv in levels if lv == 0.5) or levels[:1], False, contexts))
@@ -517,7 +528,8 @@ def markdown(res: dict) -> str:
                  f"{r.get('vs_linear', 1.0):.2f} |")
     if res.get("errors"):
         L += ["", "## Errors / skipped sections", ""] + [f"- {x['section']}: {x['error']}" for x in res["errors"]]
-    L += ["", "## Launch configurations chosen by the sweep (block_n, kr, block_k, warps, stages, dot)", ""]
+    L += ["", "## Launch configurations chosen by the sweep (block_n, kr, block_k, warps, stages, dot, compact, "
+          "prefetch); key = K x N x projections | batch | dense", ""]
     for k, v in res.get("configs", {}).items():
         L.append(f"- {k}: {v['config']} ({v['us']:.1f} us)")
     return "\n".join(L) + "\n"

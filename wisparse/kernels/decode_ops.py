@@ -84,7 +84,7 @@ def ref_decode_attention(q, k_cache, v_cache, pos, window: int = 0):
 if HAVE_TRITON:
 
     @triton.jit
-    def _add_rmsnorm_kernel(h_ptr, p_ptr, w_ptr, out_ptr, B, D, S, eps,
+    def _add_rmsnorm_kernel(h_ptr, p_ptr, w_ptr, out_ptr, B, D, eps, S: tl.constexpr,
                             HAS_P: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
         offs = tl.arange(0, BLOCK_D)
@@ -92,7 +92,7 @@ if HAVE_TRITON:
         h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
         if HAS_P:
             acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for s in range(0, S):
+            for s in tl.static_range(S):  # unrolled: all partial rows in flight at once
                 acc += tl.load(p_ptr + (s * B + b) * D + offs, mask=m, other=0.0)
             h = (h.to(tl.float32) + acc.to(h.dtype).to(tl.float32)).to(h.dtype)
             tl.store(h_ptr + b * D + offs, h, mask=m)
@@ -104,7 +104,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
-                               S, B, N, H, HKV, L,
+                               B, N, H, HKV, L, S: tl.constexpr,
                                HAS_BIAS: tl.constexpr, D: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)  # 0..H-1 q heads, then H..H+HKV-1 k heads, then v heads
@@ -113,7 +113,7 @@ if HAVE_TRITON:
         c0 = head * D
         a1 = tl.zeros((HALF,), dtype=tl.float32)
         a2 = tl.zeros((HALF,), dtype=tl.float32)
-        for s in range(0, S):
+        for s in tl.static_range(S):
             base = p_ptr + (s * B + b) * N + c0
             a1 += tl.load(base + o1)
             a2 += tl.load(base + HALF + o1)
@@ -208,13 +208,13 @@ if HAVE_TRITON:
         tl.store(o_ptr + (b * H + hk * G + gi) * D + d, out.to(o_ptr.dtype.element_ty))
 
     @triton.jit
-    def _silu_mul_kernel(p_ptr, out_ptr, S, B, I, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(p_ptr, out_ptr, B, I, S: tl.constexpr, BLOCK: tl.constexpr):
         b = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = offs < I
         g = tl.zeros((BLOCK,), dtype=tl.float32)
         u = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, S):
+        for s in tl.static_range(S):
             base = p_ptr + (s * B + b) * 2 * I
             g += tl.load(base + offs, mask=m, other=0.0)
             u += tl.load(base + I + offs, mask=m, other=0.0)
@@ -235,8 +235,8 @@ def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor,
     B, D = h.shape
     out = torch.empty_like(h)
     S = partials.shape[0] if partials is not None else 0
-    _add_rmsnorm_kernel[(B,)](h, partials if partials is not None else h, w, out, B, D, S, eps,
-                              HAS_P=partials is not None, BLOCK_D=_np2(D), num_warps=8)
+    _add_rmsnorm_kernel[(B,)](h, partials if partials is not None else h, w, out, B, D, eps, S=S,
+                              HAS_P=partials is not None, BLOCK_D=_np2(D), num_warps=16 if D >= 4096 else 8)
     return out
 
 
@@ -249,11 +249,11 @@ def qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H: int, Hkv:
     q = torch.empty((B, H, D), device=partials.device, dtype=k_cache.dtype)
     _qkv_rope_cache_kernel[(B, H + 2 * Hkv)](
         partials, bias if bias is not None else partials, cos, sin, pos, q, k_cache, v_cache,
-        S, B, N, H, Hkv, k_cache.shape[2], HAS_BIAS=bias is not None, D=D, num_warps=1)
+        B, N, H, Hkv, k_cache.shape[2], S=S, HAS_BIAS=bias is not None, D=D, num_warps=1)
     return q
 
 
-def decode_attention(q, k_cache, v_cache, pos, window: int = 0, split_l: int = 256) -> torch.Tensor:
+def decode_attention(q, k_cache, v_cache, pos, window: int = 0, split_l: int | None = None) -> torch.Tensor:
     """q [B, H, D], caches [B, Hkv, L, D]; keys 0..pos (and > pos - window) -> o [B, H*D]."""
     if not _use_triton(q):
         return ref_decode_attention(q, k_cache, v_cache, pos, window)
@@ -261,6 +261,8 @@ def decode_attention(q, k_cache, v_cache, pos, window: int = 0, split_l: int = 2
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
     BG = max(16, _np2(G))
+    if split_l is None:  # <= 64 splits of >= 64 keys: enough programs at short and long contexts
+        split_l = max(64, _np2(math.ceil(L / 64)))
     nsp = math.ceil(L / split_l)
     m = torch.empty((B * Hkv * nsp * BG,), device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
@@ -269,7 +271,7 @@ def decode_attention(q, k_cache, v_cache, pos, window: int = 0, split_l: int = 2
                                        window, split_l, G=G, BLOCK_G=BG, BLOCK_L=64, D=D, num_warps=4)
     o = torch.empty((B, H * D), device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(B * Hkv, G)](m, lsum, acc, o, H, Hkv, nsp, G=G, BLOCK_G=BG,
-                                       BLOCK_S=max(2, _np2(nsp)), D=D, num_warps=2)
+                                       BLOCK_S=max(2, _np2(nsp)), D=D, num_warps=4)
     return o
 
 
@@ -281,5 +283,5 @@ def silu_mul(partials: torch.Tensor, I: int, dtype: torch.dtype) -> torch.Tensor
     S, B, _ = partials.shape
     out = torch.empty((B, I), device=partials.device, dtype=dtype)
     BLOCK = 1024
-    _silu_mul_kernel[(B, math.ceil(I / BLOCK))](partials, out, S, B, I, BLOCK=BLOCK, num_warps=4)
+    _silu_mul_kernel[(B, math.ceil(I / BLOCK))](partials, out, B, I, S=S, BLOCK=BLOCK, num_warps=4)
     return out
