@@ -290,3 +290,44 @@ def test_gpu_graph_generation_equals_eager_steps():
     g1 = GraphGenerator(dec, batch=1, max_len=64, max_new_tokens=24, use_graph=True).generate(toks, 20)
     g2 = GraphGenerator(dec, batch=1, max_len=64, max_new_tokens=24, use_graph=False).generate(toks, 20)
     assert torch.equal(g1, g2)
+
+
+def _builtin():
+    try:
+        import wisparse
+
+        return wisparse.load_model()
+    except Exception as e:  # the built-in model's package is not installed
+        pytest.skip(f"built-in model unavailable: {e}")
+
+
+def test_builtin_model_sparsified_by_the_public_api_matches_transformers_decode():
+    """The built-in SmolLM2-135M (tied embeddings), sparsified with wisparse.calibrate + sparsify_ (threshold mode):
+    the engine's decode logits equal transformers' own incremental decode (generate) step by step."""
+    import wisparse
+
+    model, tok = _builtin()
+    calib = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    cfg = wisparse.calibrate(model, tok, method="teal", sparsity=0.5, calib_tokens=calib, sequential=False,
+                             progress=False)
+    wisparse.sparsify_(model, cfg)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    # build first: the model's weights become views of the engine's storage, and transformers' reference run must
+    # use them (a different summation order moves activations by an ulp, which flips masks at threshold ties)
+    dec = Decoder.from_hf(model)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8, output_logits=True,
+                             return_dict_in_generate=True)
+    want_tokens = out.sequences[:, ids.shape[1]:]
+    want_logits = torch.stack(out.logits, 1)  # [1, 8, V]: the prefill's last position, then 7 decode steps
+    dec.setup_cache(1, 64)
+    first = dec.prefill(ids)[:, -1]
+    logits = [first]
+    dec.tokens.copy_(want_tokens[:, 0])
+    for j in range(1, 8):
+        logits.append(dec.step())
+        dec.pos += 1
+        dec.tokens.copy_(want_tokens[:, j])
+    got = torch.stack(logits, 1)
+    assert (got - want_logits).abs().max() < 1e-3 * want_logits.abs().max()
+    assert torch.equal(GraphGenerator(dec, batch=1, max_len=64, max_new_tokens=16).generate(ids, 8), want_tokens)
