@@ -331,3 +331,31 @@ def test_builtin_model_sparsified_by_the_public_api_matches_transformers_decode(
     got = torch.stack(logits, 1)
     assert (got - want_logits).abs().max() < 1e-3 * want_logits.abs().max()
     assert torch.equal(GraphGenerator(dec, batch=1, max_len=64, max_new_tokens=16).generate(ids, 8), want_tokens)
+
+
+def test_cli_glue():
+    import argparse
+
+    from wisparse.engine.cli import add_bench_parser, engine_generate
+
+    ap = argparse.ArgumentParser(prog="wisparse")
+    sub = ap.add_subparsers(dest="command")
+    add_bench_parser(sub)
+    a = ap.parse_args(["bench", "--models", "llama-3.1-8b", "--batches", "1", "--no-sweep"])
+    assert a.command == "bench" and callable(a.func) and a.models == "llama-3.1-8b" and a.no_sweep
+
+    class Tok:  # a stand-in tokenizer: ids are characters
+        eos_token_id = 0
+
+        def __call__(self, text, return_tensors=None):
+            return type("E", (), {"input_ids": torch.tensor([[1 + ord(c) % 100 for c in text]])})()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(i) for i in ids)
+
+    m = tiny_model("qwen2")
+    text = engine_generate(m, Tok(), "hello", 5)
+    with torch.no_grad():
+        want = m.generate(Tok()("hello").input_ids, max_new_tokens=5, do_sample=False)[0, 5:].tolist()
+    cut = want.index(0) if 0 in want else len(want)
+    assert text == " ".join(str(i) for i in want[:cut])

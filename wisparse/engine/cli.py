@@ -32,8 +32,16 @@ def engine_generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
         dec = Decoder.from_hf(model)
         model._wisparse_decoder = dec
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dec.device)
-    gen = GraphGenerator(dec, batch=1, max_len=ids.shape[1] + max_new_tokens + 1, max_new_tokens=max_new_tokens)
-    out = gen.generate(ids, max_new_tokens)[0].tolist()
+    try:
+        gen = GraphGenerator(dec, batch=1, max_len=ids.shape[1] + max_new_tokens + 1, max_new_tokens=max_new_tokens)
+        out = gen.generate(ids, max_new_tokens)[0].tolist()
+    except Exception as err:  # say so loudly, then still answer through transformers (same weights, same masks)
+        import sys
+
+        print(f"wisparse: decode engine failed ({type(err).__name__}: {err}); using transformers generate",
+              file=sys.stderr)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
     eos = tokenizer.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else set()
     for i, t in enumerate(out):
