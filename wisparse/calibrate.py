@@ -26,6 +26,10 @@ class _StopForward(Exception):
     pass
 
 
+class StopBlock(Exception):
+    """Raised by a recording hook to end a block's forward early."""
+
+
 def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -80,9 +84,13 @@ class BlockRunner:
         return _first_output(self.blocks[index](hidden, *args, **kwargs))
 
     def run_all(self, index: int) -> None:
-        """Run block `index` over every window without keeping the outputs (for hooks that record)."""
+        """Run block `index` over every window without keeping the outputs, for hooks that record; a hook may
+        raise `StopBlock` once it has what it needs, to skip the rest of the block."""
         for hidden in self.hidden:
-            self.run(index, hidden)
+            try:
+                self.run(index, hidden)
+            except StopBlock:
+                pass
 
     def advance(self, index: int) -> None:
         """Replace the stored hidden states by the outputs of block `index`."""
@@ -111,7 +119,7 @@ def site_key(block_prefix: str, site_name: str) -> str:
     return f"{block_prefix}.{site_name}"
 
 
-def _site_recorder(stats: CalibrationStats, keys: list[str], alphas: dict[str, list[float]]):
+def _site_recorder(stats: CalibrationStats, keys: list[str], alphas: dict[str, list[float]], stop: bool = False):
     """A forward pre-hook that adds a site input's log2 scores to the histograms of `keys`."""
 
     def hook(module, args):
@@ -121,13 +129,17 @@ def _site_recorder(stats: CalibrationStats, keys: list[str], alphas: dict[str, l
             for alpha in alphas[key]:
                 hist = stats.hists[key].setdefault(alpha, LogHistogram(log2x.device))
                 hist.add_log2(log2x + alpha * log2c)
+        if stop:
+            raise StopBlock
 
     return hook
 
 
-def _activation_recorder(hist: LogHistogram):
+def _activation_recorder(hist: LogHistogram, stop: bool = False):
     def hook(module, args, output):
         hist.add_log2(log2_abs(output))
+        if stop:
+            raise StopBlock
 
     return hook
 
@@ -204,7 +216,7 @@ def recalibrate_sequential(model: nn.Module, config, windows: torch.Tensor, prog
                 if site.name != "mlp_mid" or act is None:
                     continue
                 hist = LogHistogram(runner.device)
-                handle = act.register_forward_hook(_activation_recorder(hist))
+                handle = act.register_forward_hook(_activation_recorder(hist, stop=True))
                 try:
                     runner.run_all(index)
                 finally:
@@ -223,7 +235,7 @@ def recalibrate_sequential(model: nn.Module, config, windows: torch.Tensor, prog
                 stats.norms[key] = column_norms([modules[n].weight for n in members])
                 stats.hists[key] = {}
             alphas = {key: [config.projections[site_names[0] if shared else key].alpha] for key in keys}
-            handle = modules[site_names[0]].register_forward_pre_hook(_site_recorder(stats, keys, alphas))
+            handle = modules[site_names[0]].register_forward_pre_hook(_site_recorder(stats, keys, alphas, stop=True))
             try:
                 runner.run_all(index)
             finally:
