@@ -56,3 +56,32 @@ def test_dense_pass_thresholds_drift_upstream_sparsity_is_what_sequential_fixes(
     report = _realised(model, windows)
     for name in first_block[:3]:  # block 0's attention input sees exactly the calibration distribution
         assert abs(report["by_projection"][name] - 0.5) < 0.01
+
+
+def test_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, model_and_windows, monkeypatch):
+    import sys
+
+    calibrate_module = sys.modules["wisparse.calibrate"]  # the module; wisparse.calibrate is the API function
+    from wisparse.errors import WisparseError
+
+    model, windows = model_and_windows
+    path = tmp_path / "stats.pt"
+    reference = collect_stats(model, windows, progress=False)
+    original_advance = calibrate_module.BlockRunner.advance
+
+    def advance_then_die(self, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        original_advance(self, index)
+
+    monkeypatch.setattr(calibrate_module.BlockRunner, "advance", advance_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        collect_stats(model, windows, progress=False, checkpoint=path, checkpoint_seconds=0)
+    assert torch.load(path, weights_only=False)["next_block"] == 2
+    monkeypatch.setattr(calibrate_module.BlockRunner, "advance", original_advance)
+    resumed = collect_stats(model, windows, progress=False, checkpoint=path)
+    for key, by_alpha in reference.hists.items():
+        for alpha, hist in by_alpha.items():
+            assert torch.equal(resumed.hists[key][alpha].counts, hist.counts), key
+    with pytest.raises(WisparseError, match="checkpoint .* another"):
+        collect_stats(model, windows[:2], progress=False, checkpoint=path)

@@ -51,3 +51,9 @@ def test_token_windows_are_non_overlapping_and_optionally_start_with_bos():
     assert with_bos.shape == (2, 9) and (with_bos[:, 0] == 1).all()
     with pytest.raises(WisparseError, match="shorter than one window"):
         token_windows("abc", _CharTokenizer(), 8)
+
+
+@needs_data
+def test_c4_documents_by_name(data_dir):
+    rows = load_rows("c4", data_dir)
+    assert len(rows) == 2000 and all(isinstance(r, str) and r for r in rows[:10])

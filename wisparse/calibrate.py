@@ -11,13 +11,16 @@ states between two blocks alive, so peak memory does not grow with depth.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from wisparse.errors import WisparseError
 from wisparse.models.adapters import Adapter, adapter_for
 from wisparse.saliency import DEFAULT_ALPHA_GRID, LogHistogram, channel_threshold, column_norms, log2_abs
 
@@ -144,19 +147,68 @@ def _activation_recorder(hist: LogHistogram, stop: bool = False):
     return hook
 
 
+def _checkpoint_tag(model: nn.Module, windows: torch.Tensor, alpha_grid: tuple[float, ...]) -> dict:
+    """What a checkpoint must match to be resumed: the model's shapes and weights, the tokens, the grid."""
+    from wisparse.config import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
+    return {"shapes": fingerprint["shapes"], "norms": [round(v, 4) for v in fingerprint["weight_norms"].values()],
+            "tokens": hashlib.sha256(windows.numpy().tobytes()).hexdigest(), "grid": list(alpha_grid)}
+
+
+def _save_checkpoint(path: Path, tag: dict, next_block: int, runner: "BlockRunner", stats: CalibrationStats) -> None:
+    state = {"tag": tag, "next_block": next_block, "hidden": [h.cpu() for h in runner.hidden],
+             "norms": stats.norms, "sites": stats.sites, "cats": {k: h.counts for k, h in stats.cats.items()},
+             "hists": {k: {a: h.counts for a, h in v.items()} for k, v in stats.hists.items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
+
+
+def _load_checkpoint(path: Path, tag: dict, runner: "BlockRunner", stats: CalibrationStats) -> int:
+    """Restore a matching checkpoint into `runner` and `stats`; return the block to continue from (0: none)."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("tag") != tag:
+        raise WisparseError(f"calibration checkpoint {path} was made for another model, tokens or alpha grid; "
+                            f"delete it or choose another path")
+    runner.hidden = [h.to(runner.device) for h in state["hidden"]]
+    stats.norms, stats.sites = state["norms"], state["sites"]
+    for key, counts in state["cats"].items():
+        stats.cats[key] = LogHistogram(runner.device)
+        stats.cats[key].counts = counts.to(runner.device)
+    for key, by_alpha in state["hists"].items():
+        stats.hists[key] = {}
+        for alpha, counts in by_alpha.items():
+            stats.hists[key][alpha] = LogHistogram(runner.device)
+            stats.hists[key][alpha].counts = counts.to(runner.device)
+    return state["next_block"]
+
+
 @torch.no_grad()
 def collect_stats(
     model: nn.Module, windows: torch.Tensor, alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID,
-    progress: bool = True,
+    progress: bool = True, checkpoint: str | Path | None = None, checkpoint_seconds: float = 60.0,
 ) -> CalibrationStats:
-    """The dense calibration pass (see module docstring). `windows` [n, L] are calibration tokens."""
+    """The dense calibration pass (see module docstring). `windows` [n, L] are calibration tokens.
+
+    With `checkpoint`, progress is saved there (at most every `checkpoint_seconds`, and at the end) and a rerun
+    resumes from the last saved block; a finished checkpoint returns at once.
+    """
     start = time.perf_counter()
     adapter = adapter_for(model)
     runner = BlockRunner(model, windows, adapter)
     stats = CalibrationStats(tuple(alpha_grid), tokens=windows.numel(), windows=windows.shape[0],
                              window_len=windows.shape[1])
     grid = list(alpha_grid)
+    path = Path(checkpoint) if checkpoint else None
+    tag = _checkpoint_tag(model, windows, tuple(alpha_grid)) if path else None
+    first_block = _load_checkpoint(path, tag, runner, stats) if path else 0
+    last_save = time.perf_counter()
     for index, block in enumerate(tqdm(runner.blocks, desc="calibrating", disable=not progress)):
+        if index < first_block:
+            continue
         prefix = f"{adapter.blocks_path}.{index}"
         handles = []
         for site in adapter.sites:
@@ -176,12 +228,17 @@ def collect_stats(
             handles.append(first.register_forward_pre_hook(_site_recorder(stats, keys, {k: grid for k in keys})))
         act_name = f"{prefix}.{adapter.gate_activation}"
         stats.cats[act_name] = LogHistogram(runner.device)
-        handles.append(model.get_submodule(act_name).register_forward_hook(_activation_recorder(stats.cats[act_name])))
+        recorder = _activation_recorder(stats.cats[act_name])
+        handles.append(model.get_submodule(act_name).register_forward_hook(recorder))
         try:
             runner.advance(index)
         finally:
             for handle in handles:
                 handle.remove()
+        done = index + 1 == len(runner.blocks)
+        if path and (done or time.perf_counter() - last_save > checkpoint_seconds):
+            _save_checkpoint(path, tag, index + 1, runner, stats)
+            last_save = time.perf_counter()
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -235,7 +292,8 @@ def recalibrate_sequential(model: nn.Module, config, windows: torch.Tensor, prog
                 stats.norms[key] = column_norms([modules[n].weight for n in members])
                 stats.hists[key] = {}
             alphas = {key: [config.projections[site_names[0] if shared else key].alpha] for key in keys}
-            handle = modules[site_names[0]].register_forward_pre_hook(_site_recorder(stats, keys, alphas, stop=True))
+            recorder = _site_recorder(stats, keys, alphas, stop=True)
+            handle = modules[site_names[0]].register_forward_pre_hook(recorder)
             try:
                 runner.run_all(index)
             finally:

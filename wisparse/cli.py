@@ -57,9 +57,26 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of each sequence's last positions that are sparsified (default 1.0: all)")
 
 
-def _load(args):
-    import wisparse
+def _add_calibration_command_args(p: argparse.ArgumentParser) -> None:
+    """Model, data and method options: what every subcommand that may calibrate takes."""
+    _add_model_args(p)
+    _add_data_args(p)
+    _add_method_args(p)
 
+
+def _add_config_or_calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="a saved config to apply")
+    p.add_argument("--calibrate", action="store_true", help="calibrate --method/--sparsity first (else dense)")
+
+
+def _load(args):
+    """Check the method options first (a bad value should not wait for a model load), then load the model."""
+    import wisparse
+    from wisparse.saliency import check_method, check_sparsity
+
+    if hasattr(args, "method"):
+        check_method(args.method, args.mode)
+        check_sparsity(args.sparsity)
     return wisparse.load_model(args.model, device=_device(args.device), dtype=args.dtype)
 
 
@@ -205,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="dense + every method at one sparsity: perplexity and realised sparsity",
                        description="Calibrate teal, wina, wisparse and cats at --sparsity on WikiText-2 train "
                                    "text and compare WikiText-2 test perplexity with the dense model.")
-    _add_model_args(p)
-    _add_data_args(p)
-    _add_method_args(p)
+    _add_calibration_command_args(p)
     p.set_defaults(calib_windows=2, selection_windows=1, alpha_search="global")
     p.add_argument("--methods", default="teal,wina,wisparse,cats")
     p.add_argument("--modes", default="threshold", help="comma-separated: threshold,topk")
@@ -219,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sparsify", help="calibrate a sparsity config and save it",
                        description="Calibrate thresholds (and wisparse's per-block alpha) on WikiText-2 train "
                                    "text; write OUTPUT.json plus OUTPUT.safetensors.")
-    _add_model_args(p)
-    _add_data_args(p)
-    _add_method_args(p)
+    _add_calibration_command_args(p)
     p.add_argument("-o", "--output", required=True, help="config path (.json)")
     p.set_defaults(func=cmd_sparsify)
 
@@ -229,11 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity over non-overlapping windows of the WikiText-2 test split, with the "
                                    "realised sparsity measured on the same tokens. Dense unless --config or "
                                    "--calibrate is given.")
-    _add_model_args(p)
-    _add_data_args(p)
-    _add_method_args(p)
-    p.add_argument("--config", default=None, help="a saved config to apply")
-    p.add_argument("--calibrate", action="store_true", help="calibrate --method/--sparsity first")
+    _add_calibration_command_args(p)
+    _add_config_or_calibrate_args(p)
     p.add_argument("--eval-windows", type=int, default=8, help="how many evaluation windows (at most)")
     p.set_defaults(func=cmd_ppl)
 
@@ -251,11 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text, dense or sparse",
                        description="Greedy generation; with a CUDA GPU through the graph-captured decode engine, "
                                    "otherwise through transformers' generate on the same sparse modules.")
-    _add_model_args(p)
-    _add_data_args(p)
-    _add_method_args(p)
-    p.add_argument("--config", default=None)
-    p.add_argument("--calibrate", action="store_true", help="calibrate --method/--sparsity first")
+    _add_calibration_command_args(p)
+    _add_config_or_calibrate_args(p)
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-engine", action="store_true", help="use transformers' generate even on a GPU")
