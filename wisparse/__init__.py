@@ -52,12 +52,14 @@ def calibrate(
     stats: CalibrationStats | None = None,
     calib_tokens: torch.Tensor | None = None,
     selection_tokens: torch.Tensor | None = None,
+    checkpoint: str | None = None,
     progress: bool = True,
 ) -> SparsityConfig:
     """Calibrate a uniform-allocation config on WikiText-2 train text; `model` is left dense.
 
     Calibration windows (thresholds) and selection windows (alpha) are disjoint slices of the train text.
-    Pass `stats` from `collect_stats` (and the token windows) to reuse one dense pass across methods and levels.
+    Pass `stats` from `collect_stats` (and the token windows) to reuse one dense pass across methods and levels;
+    `checkpoint` (a file path) makes the dense pass resumable.
     """
     check_method(method, mode)
     check_sparsity(sparsity)
@@ -68,7 +70,7 @@ def calibrate(
     if calib is None and (stats is None or sequential):
         calib = role_windows("calibration", tokenizer, window_len, calib_windows, data_dir, bos)
     if stats is None and (mode == "threshold" or method == "wisparse"):
-        stats = collect_stats(model, calib, progress=progress)
+        stats = collect_stats(model, calib, progress=progress, checkpoint=checkpoint)
     sparsities = uniform_allocation(model, method, sparsity)
     alphas, record = None, {}
     if method == "wisparse":

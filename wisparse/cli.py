@@ -53,6 +53,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sequential", action="store_true",
                    help="skip the sequential threshold refinement (faster; realised sparsity drifts)")
     p.add_argument("--share-site-masks", action="store_true", help="one mask per site instead of per projection")
+    p.add_argument("--checkpoint", default=None, help="save the calibration pass here and resume from it")
     p.add_argument("--positions", type=float, default=1.0,
                    help="fraction of each sequence's last positions that are sparsified (default 1.0: all)")
 
@@ -87,7 +88,7 @@ def _config_from_args(model, tokenizer, args):
         model, tokenizer, args.method, args.sparsity, args.mode, data_dir=args.data_dir,
         calib_windows=args.calib_windows, window_len=args.window_len, selection_windows=args.selection_windows,
         alpha_search=args.alpha_search, sequential=not args.no_sequential, share_site_masks=args.share_site_masks,
-        positions=args.positions)
+        positions=args.positions, checkpoint=args.checkpoint)
 
 
 def _print_table(rows: list[dict], title: str) -> None:

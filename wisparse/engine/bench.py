@@ -485,12 +485,11 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
         dec.backend = "triton"
         if ("uniform", 0.5) not in th:
             th[("uniform", 0.5)] = calibrate(dec, uniform_levels(dec, 0.5))
-        if True:
-            dec.set_thresholds(th[("uniform", 0.5)])
-            dec.sparse = True
-            r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} uniform 0.50", log)
-            rows.append({"model": name, "B": 1, "ctx": ctx, "config": "uniform 0.50", "nominal": 0.5,
-                         "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"], **r})
+        dec.set_thresholds(th[("uniform", 0.5)])
+        dec.sparse = True
+        r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} uniform 0.50", log)
+        rows.append({"model": name, "B": 1, "ctx": ctx, "config": "uniform 0.50", "nominal": 0.5,
+                     "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"], **r})
         for r in rows:
             r["dense_tok_s"] = dense_best["tok_s"]
             r["dense_path"] = dense_best["config"]
