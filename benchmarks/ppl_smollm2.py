@@ -1,7 +1,10 @@
 """WikiText-2 perplexity of the built-in model: dense, and teal / wina / wisparse in threshold and top-k mode at
 several uniform sparsities, plus CATS. Writes benchmarks/results/ppl_smollm2.{json,md,png}.
 
-    python benchmarks/ppl_smollm2.py --data-dir ../shared/data --device cuda     # ~minutes on an H200
+    python benchmarks/ppl_smollm2.py --data-dir ../shared/data --device cuda --selection-windows 8
+
+The committed results came from the H200 through benchmarks/ppl_h200.sh (about 12 minutes of device time in all,
+resumed through the row cache); on a 2-core CPU the full table would take many hours.
 """
 from __future__ import annotations
 
