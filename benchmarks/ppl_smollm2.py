@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--calib-windows", type=int, default=16)
-    parser.add_argument("--selection-windows", type=int, default=4)
+    parser.add_argument("--selection-windows", type=int, default=8)
     parser.add_argument("--window-len", type=int, default=2048)
     parser.add_argument("--levels", default="0.25,0.4,0.5,0.6,0.7")
     parser.add_argument("--cats-levels", default="0.5,0.7,0.9")
