@@ -9,7 +9,8 @@ the KL divergence of the sparsified model's next-token distribution from the den
    choice is never worse than either on selection text);
 2. block: one sweep over the blocks in forward order, each trying every other alpha of the grid with the rest
    fixed, keeping a change only when the KL falls. A trial of block b reruns only blocks b.. from the cached
-   hidden states entering block b, and swaps precomputed thresholds: no weight or statistics work per trial.
+   hidden states entering block b (all windows as one batch), and swaps precomputed thresholds: no weight or
+   statistics work per trial.
 """
 from __future__ import annotations
 
@@ -101,13 +102,15 @@ def select_alphas(
             apply_projection(model, configs[alpha], name, site_of[name])
 
     runner = BlockRunner(model, windows, adapter)  # holds the hidden states entering the current block
+    # All selection windows go through each block as one batch (the captured block arguments broadcast over the
+    # batch): a trial is n_blocks - b launches of each kernel, not n_windows times that.
+    runner.hidden = [torch.cat(runner.hidden)]
 
     def kl_from(b: int) -> float:
-        total = 0.0
-        for hidden, ref in zip(runner.hidden, reference):
-            for i in range(b, n_blocks):
-                hidden = runner.run(i, hidden)
-            total += _kl(ref, adapter.logits(model, hidden)[0])
+        hidden = runner.hidden[0]
+        for i in range(b, n_blocks):
+            hidden = runner.run(i, hidden)
+        total = sum(_kl(ref, adapter.logits(model, hidden[w: w + 1])[0]) for w, ref in enumerate(reference))
         return total / windows.numel()
 
     record = {"search": search, "grid": list(grid), "global_kl": {}, "block_changes": [], "evaluations": 0}
