@@ -1,6 +1,6 @@
 import torch
-
 from conftest import tiny_model
+
 from wisparse.alpha import dense_log_probs, kl_to_dense, select_alphas
 from wisparse.calibrate import collect_stats
 from wisparse.sparse_linear import SparseLinear

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from wisparse.calibrate import collect_stats, recalibrate_sequential
 from wisparse.eval.sparsity import SparsityMeter
 from wisparse.sparsify import build_config, sparsify_, uniform_allocation

@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from wisparse.calibrate import collect_stats
 from wisparse.config import SparsityConfig, projection_numels
 from wisparse.errors import WisparseError

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import needs_data
+
 from wisparse.data import load_rows, role_rows, token_windows
 from wisparse.errors import WisparseError
 

@@ -2,8 +2,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
+
 from wisparse.eval.cache import ResultCache
 from wisparse.eval.perplexity import perplexity
 from wisparse.eval.report import markdown_table, write_results

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from wisparse.calibrate import collect_stats
 from wisparse.eval.sparsity import SparsityMeter
 from wisparse.sparse_linear import SparseLinear

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import time
-
 import torch
 from torch import nn
 

@@ -257,7 +257,7 @@ def recalibrate_sequential(model: nn.Module, config, windows: torch.Tensor, prog
     adapter = adapter_for(model)
     runner = BlockRunner(model, windows, adapter)
     modules = sparse_modules(model)
-    for index, block in enumerate(tqdm(runner.blocks, desc="sequential calibration", disable=not progress)):
+    for index in tqdm(range(len(runner.blocks)), desc="sequential calibration", disable=not progress):
         prefix = f"{adapter.blocks_path}.{index}"
         names = [f"{prefix}.{p}" for p in adapter.projections]
         act_name = f"{prefix}.{adapter.gate_activation}"

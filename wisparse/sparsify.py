@@ -6,9 +6,8 @@ model's attention and MLP code stay the library's); CATS wraps the MLP's activat
 """
 from __future__ import annotations
 
-from torch import nn
-
 import torch
+from torch import nn
 
 from wisparse.calibrate import CalibrationStats, site_key
 from wisparse.config import ProjectionSetting, SparsityConfig, model_fingerprint
@@ -97,7 +96,8 @@ def build_config(
             names = [f"{prefix}.{p}" for p in site.projections]
             shared = share_site_masks and len(names) > 1
             if shared and (len({sparsities[n] for n in names}) > 1 or len({alphas[n] for n in names}) > 1):
-                raise WisparseError(f"shared masks need one sparsity and alpha per site ({site_key(prefix, site.name)})")
+                key = site_key(prefix, site.name)
+                raise WisparseError(f"shared masks need one sparsity and alpha per site ({key})")
             for name in names:
                 setting = ProjectionSetting(sparsities[name], alphas[name])
                 if needs_stats and method != "cats" and setting.sparsity > 0:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from torch import nn
 
 from wisparse.calibrate import collect_stats
@@ -13,7 +12,6 @@ from wisparse.eval.cache import ResultCache
 from wisparse.eval.perplexity import perplexity
 from wisparse.saliency import DEFAULT_ALPHA_GRID
 from wisparse.sparsify import sparsify_, unsparsify_
-
 
 SELECTOR_VERSION = 2  # bump when the alpha selection changes, so cached wisparse rows are recomputed
 

