@@ -35,3 +35,16 @@ def test_topk_selection_needs_no_statistics():
                                    uniform_allocation(model, "wisparse", 0.4), grid=(0.0, 1.0), search="global",
                                    progress=False)
     assert set(alphas.values()) <= {0.0, 1.0} and record["evaluations"] == 2
+
+
+def test_validated_search_chooses_by_held_out_windows():
+    model = tiny_model("llama", layers=2)
+    stats = collect_stats(model, torch.randint(0, 128, (2, 40)), progress=False)
+    selection = torch.randint(0, 128, (4, 40))
+    sparsities = uniform_allocation(model, "wisparse", 0.5)
+    alphas, record = select_alphas(model, stats, selection, "threshold", sparsities, search="validated",
+                                   progress=False)
+    assert set(record["held_out_kl"]) == {"block", "global", "teal", "wina"}
+    assert record["held_out_kl"][record["chosen"]] == min(record["held_out_kl"].values())
+    if record["chosen"] == "teal":
+        assert set(alphas.values()) == {0.0}

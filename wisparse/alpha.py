@@ -11,6 +11,8 @@ the KL divergence of the sparsified model's next-token distribution from the den
    fixed, keeping a change only when the KL falls. A trial of block b reruns only blocks b.. from the cached
    hidden states entering block b (all windows as one batch), and swaps precomputed thresholds: no weight or
    statistics work per trial.
+3. validated (an option): the block search on half of the selection windows, then a choice between its result,
+   the best global alpha, 0 and 1 by the KL on the other half.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from wisparse.errors import WisparseError
 from wisparse.models.adapters import adapter_for
 from wisparse.sparsify import apply_projection, build_config, sparsify_, unsparsify_
 
-SEARCHES = ("global", "block")
+SEARCHES = ("global", "block", "validated")
 
 
 def _kl(log_p: torch.Tensor, logits: torch.Tensor) -> float:
@@ -74,6 +76,9 @@ def select_alphas(
     and is dense again on return. `windows` are selection tokens."""
     if search not in SEARCHES:
         raise WisparseError(f"unknown alpha search {search!r}; choose one of {', '.join(SEARCHES)}")
+    if search == "validated":
+        return _validated_search(model, stats, windows, mode, sparsities, grid=grid,
+                                 share_site_masks=share_site_masks, positions=positions, progress=progress)
     if grid is None:
         if stats is None:
             raise WisparseError("give an alpha grid or calibration statistics")
@@ -142,3 +147,27 @@ def select_alphas(
                   seconds=round(time.perf_counter() - start, 2), tokens=windows.numel())
     alphas = {n: block_alpha[adapter.block_index(n)] for n in sparsities}
     return alphas, record
+
+
+def _validated_search(model, stats, windows, mode, sparsities, *, grid, share_site_masks, positions, progress):
+    """Block search on the first half of the selection windows; then the block-wise result, the best global
+    alpha, TEAL's 0 and WINA's 1 compete on the held-out second half, which guards against the sweep fitting
+    the noise of the windows it searched on."""
+    if len(windows) < 2:
+        raise WisparseError("the validated alpha search needs at least 2 selection windows")
+    half = len(windows) // 2
+    searched, record = select_alphas(model, stats, windows[:half], mode, sparsities, grid=grid, search="block",
+                                     share_site_masks=share_site_masks, positions=positions, progress=progress)
+    candidates = {"block": searched, "global": {n: record["global_best"] for n in sparsities},
+                  "teal": {n: 0.0 for n in sparsities}, "wina": {n: 1.0 for n in sparsities}}
+    held_out = windows[half:]
+    reference = dense_log_probs(model, held_out)
+    scores = {}
+    for label, alphas in candidates.items():
+        sparsify_(model, build_config(model, stats, "wisparse", mode, sparsities, alphas,
+                                      share_site_masks=share_site_masks, positions=positions))
+        scores[label] = kl_to_dense(model, held_out, reference)
+        unsparsify_(model)
+    chosen = min(scores, key=scores.get)
+    record.update(search="validated", held_out_kl=scores, chosen=chosen, tokens=windows.numel())
+    return candidates[chosen], record

@@ -49,7 +49,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="target sparsity in [0, 1) (cats: of the MLP intermediate)")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of --window-len tokens")
     p.add_argument("--selection-windows", type=int, default=2, help="selection windows for wisparse's alpha")
-    p.add_argument("--alpha-search", default="block", help="global (one alpha) or block (one per block)")
+    p.add_argument("--alpha-search", default="block",
+                   help="global (one alpha), block (one per block) or validated (block, checked on held-out windows)")
     p.add_argument("--no-sequential", action="store_true",
                    help="skip the sequential threshold refinement (faster; realised sparsity drifts)")
     p.add_argument("--share-site-masks", action="store_true", help="one mask per site instead of per projection")

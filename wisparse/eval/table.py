@@ -94,6 +94,9 @@ def ppl_table(
                 row["alpha"] = f"global {config.selection.get('global_best')}" + (
                     f", {changes} block changes" if alpha_search == "block" else "")
                 row["alpha_blocks"] = alphas
+                row["alpha_search"] = alpha_search
+                if alpha_search == "validated":
+                    row["alpha"] += f", held-out choice: {config.selection.get('chosen')}"
                 row["selection_seconds"] = config.selection.get("seconds")
             cache.put(spec, row)
         log(f"{row['method']:9s} {row['mode']:9s} nominal {row['sparsity_nominal']:.3f} "
