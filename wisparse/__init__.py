@@ -22,7 +22,8 @@ from wisparse.errors import WisparseError
 from wisparse.eval.perplexity import perplexity
 from wisparse.eval.sparsity import SparsityMeter
 from wisparse.models import adapter_for, load_model
-from wisparse.saliency import FIXED_ALPHA, check_method, check_sparsity
+from wisparse.saliency import DEFAULT_ALPHA_GRID, FIXED_ALPHA, check_method, check_sparsity
+from wisparse.sparse_linear import SparseLinear
 from wisparse.sparsify import build_config, sparsify_, uniform_allocation, unsparsify_
 
 
@@ -61,13 +62,14 @@ def calibrate(
     """
     check_method(method, mode)
     check_sparsity(sparsity)
-    if any(isinstance(m, nn.Module) and type(m).__name__ == "SparseLinear" for m in model.modules()):
+    if any(isinstance(m, SparseLinear) for m in model.modules()):
         unsparsify_(model)
     bos = bos_id(model, tokenizer)
+    thresholds = mode == "threshold"  # top-k mode needs no calibration data, only selection data for wisparse
     calib = calib_tokens
-    if calib is None and (stats is None or sequential):
+    if thresholds and calib is None:
         calib = role_windows("calibration", tokenizer, window_len, calib_windows, data_dir, bos)
-    if stats is None and (mode == "threshold" or method == "wisparse"):
+    if thresholds and stats is None:
         stats = collect_stats(model, calib, progress=progress, checkpoint=checkpoint)
     sparsities = uniform_allocation(model, method, sparsity)
     alphas, record = None, {}
@@ -76,17 +78,23 @@ def calibrate(
         if selection is None:
             selection = role_windows("selection", tokenizer, selection_len or window_len, selection_windows,
                                      data_dir, bos)
-        alphas, record = select_alphas(model, stats, selection, mode, sparsities, search=alpha_search,
-                                       share_site_masks=share_site_masks, positions=positions, progress=progress)
-    config = build_config(model, stats if mode == "threshold" else None, method, mode, sparsities, alphas,
+        alphas, record = select_alphas(model, stats if thresholds else None, selection, mode, sparsities,
+                                       grid=stats.alpha_grid if thresholds else DEFAULT_ALPHA_GRID,
+                                       search=alpha_search, share_site_masks=share_site_masks,
+                                       positions=positions, progress=progress)
+    config = build_config(model, stats if thresholds else None, method, mode, sparsities, alphas,
                           target_sparsity=sparsity if method != "cats" else None, positions=positions,
                           share_site_masks=share_site_masks)
     config.selection = record
-    config.calibration.update(dataset="wikitext2-train (calibration slice)", windows=calib_windows,
-                              window_len=window_len, tokens=calib_windows * window_len)
-    if stats is not None:
-        config.calibration["dense_pass_seconds"] = round(stats.seconds, 2)
-    if sequential and mode == "threshold":
+    if thresholds:
+        config.calibration.update(dataset="wikitext2-train (calibration slice)", windows=calib.shape[0],
+                                  window_len=calib.shape[1], tokens=calib.numel(),
+                                  dense_pass_seconds=round(stats.seconds, 2))
+    else:
+        config.calibration.update(tokens=0)
+    if method == "wisparse":
+        config.calibration["selection_tokens"] = selection.numel()
+    if sequential and thresholds:
         sparsify_(model, config)
         recalibrate_sequential(model, config, calib, progress=progress)
         unsparsify_(model)
