@@ -417,6 +417,15 @@ def _kernel_table(res, log) -> None:
                     f"({row['copy_fraction']:.0%} of copy), F.linear {lin['us']:.1f} us")
 
 
+
+def _file_decode_rows(res: dict, rows: list[dict], dense_best: dict) -> None:
+    """Attach the dense reference to a group of decode rows and add them to the results."""
+    for r in rows:
+        r["dense_tok_s"] = dense_best["tok_s"]
+        r["dense_path"] = dense_best["config"]
+        r.pop("_tokens", None)
+    res["decode"].extend(rows)
+
 def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_len, new_tokens, context_new_tokens,
                   runs, left, log) -> None:
     from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
@@ -463,11 +472,7 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
                     f"{', '.join(f'{k} {v:.3f}' for k, v in real['by_group'].items())}), "
                     f"speedup {rows[-1]['speedup_vs_dense']:.2f}x")
         finally:
-            for r in rows:
-                r["dense_tok_s"] = dense_best["tok_s"]
-                r["dense_path"] = dense_best["config"]
-                r.pop("_tokens", None)
-            res["decode"].extend(rows)
+            _file_decode_rows(res, rows, dense_best)
             del gen
             torch.cuda.empty_cache()
     for ctx in contexts:
@@ -490,11 +495,7 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
         r = _decode_rows(dec, gen, prompt, context_new_tokens, runs, f"{name} uniform 0.50", log)
         rows.append({"model": name, "B": 1, "ctx": ctx, "config": "uniform 0.50", "nominal": 0.5,
                      "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"], **r})
-        for r in rows:
-            r["dense_tok_s"] = dense_best["tok_s"]
-            r["dense_path"] = dense_best["config"]
-            r.pop("_tokens", None)
-        res["decode"].extend(rows)
+        _file_decode_rows(res, rows, dense_best)
         del gen
         torch.cuda.empty_cache()
 
