@@ -417,7 +417,6 @@ def _kernel_table(res, log) -> None:
                     f"({row['copy_fraction']:.0%} of copy), F.linear {lin['us']:.1f} us")
 
 
-
 def _file_decode_rows(res: dict, rows: list[dict], dense_best: dict) -> None:
     """Attach the dense reference to a group of decode rows and add them to the results."""
     for r in rows:
@@ -425,6 +424,7 @@ def _file_decode_rows(res: dict, rows: list[dict], dense_best: dict) -> None:
         r["dense_path"] = dense_best["config"]
         r.pop("_tokens", None)
     res["decode"].extend(rows)
+
 
 def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_len, new_tokens, context_new_tokens,
                   runs, left, log) -> None:
