@@ -6,6 +6,7 @@ Loading it into a different model is an error.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -93,8 +94,8 @@ class SparsityConfig:
             tensors = load_file(str(tensors_path))
         projections = {name: ProjectionSetting(p["sparsity"], p["alpha"], tensors.get(name))
                        for name, p in record["projections"].items()}
-        fields = {k: v for k, v in record.items() if k not in ("format", "thresholds_file", "projections")}
-        return cls(projections=projections, **fields)
+        known = {f.name for f in dataclasses.fields(cls)} - {"projections"}
+        return cls(projections=projections, **{k: v for k, v in record.items() if k in known})
 
     def check_matches(self, model: nn.Module) -> None:
         """Raise if this config was made for another model (architecture, shapes, or weights)."""
