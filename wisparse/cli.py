@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_command_args(p)
     p.set_defaults(calib_windows=2, selection_windows=1, alpha_search="global")
     p.add_argument("--methods", default="teal,wina,wisparse,cats")
-    p.add_argument("--modes", default="threshold", help="comma-separated: threshold,topk")
+    p.add_argument("--modes", default="threshold,topk", help="comma-separated: threshold,topk")
     p.add_argument("--eval-windows", type=int, default=2, help="evaluation windows (the benchmark uses 32)")
     p.add_argument("--out", default="runs/compare", help="write OUT.json and OUT.md ('' to skip)")
     p.add_argument("--cache", default="runs/compare.cache.jsonl", help="result cache to resume from")
