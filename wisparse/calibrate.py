@@ -108,7 +108,6 @@ class CalibrationStats:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # projection or site -> column norms
     hists: dict[str, dict[float, LogHistogram]] = field(default_factory=dict)  # projection or site -> alpha -> h
     cats: dict[str, LogHistogram] = field(default_factory=dict)  # act(gate) module -> |act| histogram
-    sites: dict[str, list[str]] = field(default_factory=dict)  # site key -> its projections
     tokens: int = 0
     windows: int = 0
     window_len: int = 0
@@ -158,7 +157,7 @@ def _checkpoint_tag(model: nn.Module, windows: torch.Tensor, alpha_grid: tuple[f
 
 def _save_checkpoint(path: Path, tag: dict, next_block: int, runner: "BlockRunner", stats: CalibrationStats) -> None:
     state = {"tag": tag, "next_block": next_block, "hidden": [h.cpu() for h in runner.hidden],
-             "norms": stats.norms, "sites": stats.sites, "cats": {k: h.counts for k, h in stats.cats.items()},
+             "norms": stats.norms, "cats": {k: h.counts for k, h in stats.cats.items()},
              "hists": {k: {a: h.counts for a, h in v.items()} for k, v in stats.hists.items()}}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -174,7 +173,7 @@ def _load_checkpoint(path: Path, tag: dict, runner: "BlockRunner", stats: Calibr
         raise WisparseError(f"calibration checkpoint {path} was made for another model, tokens or alpha grid; "
                             f"delete it or choose another path")
     runner.hidden = [h.to(runner.device) for h in state["hidden"]]
-    stats.norms, stats.sites = state["norms"], state["sites"]
+    stats.norms = state["norms"]
     for key, counts in state["cats"].items():
         stats.cats[key] = LogHistogram(runner.device)
         stats.cats[key].counts = counts.to(runner.device)
@@ -215,7 +214,6 @@ def collect_stats(
             names = [f"{prefix}.{p}" for p in site.projections]
             weights = [model.get_submodule(n).weight for n in names]
             key = site_key(prefix, site.name)
-            stats.sites[key] = names
             for name, weight in zip(names, weights):
                 stats.norms[name] = column_norms([weight])
             keys = list(names)
@@ -286,7 +284,7 @@ def recalibrate_sequential(model: nn.Module, config, windows: torch.Tensor, prog
                 continue
             shared = config.share_site_masks and len(site_names) > 1
             keys = [site_key(prefix, site.name)] if shared else site_names
-            stats = CalibrationStats((), sites={})
+            stats = CalibrationStats(())
             for key, name in zip(keys, site_names):
                 members = site_names if shared else [name]
                 stats.norms[key] = column_norms([modules[n].weight for n in members])

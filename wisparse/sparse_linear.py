@@ -40,6 +40,14 @@ def sparsified_positions(seq_len: int, positions: float) -> int:
     return seq_len if positions >= 1.0 else int(math.ceil(positions * seq_len))
 
 
+def sparsify_trailing(dense: torch.Tensor, sparse: torch.Tensor, positions: float) -> torch.Tensor:
+    """`sparse` on the last `positions` fraction of the sequence dimension (-2), `dense` before it."""
+    if positions >= 1.0 or dense.dim() < 2:
+        return sparse
+    start = dense.shape[-2] - sparsified_positions(dense.shape[-2], positions)
+    return torch.cat([dense[..., :start, :], sparse[..., start:, :]], dim=-2)
+
+
 class SparseLinear(nn.Module):
     """Drop-in replacement for `nn.Linear` that zeroes non-salient input channels before the matmul.
 
@@ -82,9 +90,8 @@ class SparseLinear(nn.Module):
             sparse = reference_topk_mask(x, self.score_scale, self.k)
         else:
             sparse = x
-        if self.positions < 1.0 and x.dim() >= 2 and sparse is not x:
-            n = sparsified_positions(x.shape[-2], self.positions)
-            sparse = torch.cat([x[..., : x.shape[-2] - n, :], sparse[..., x.shape[-2] - n :, :]], dim=-2)
+        if sparse is not x:
+            sparse = sparsify_trailing(x, sparse, self.positions)
         if self.meter is not None:
             self.meter(self, x, sparse)
         return sparse

@@ -14,7 +14,7 @@ from wisparse.config import ProjectionSetting, SparsityConfig, model_fingerprint
 from wisparse.errors import WisparseError
 from wisparse.models.adapters import adapter_for
 from wisparse.saliency import FIXED_ALPHA, check_method, check_sparsity, column_norms, score_scale, topk_keep
-from wisparse.sparse_linear import SparseLinear, sparsified_positions
+from wisparse.sparse_linear import SparseLinear, sparsify_trailing
 
 
 class ThresholdedActivation(nn.Module):
@@ -30,11 +30,7 @@ class ThresholdedActivation(nn.Module):
         a = self.act(x)
         if self.threshold <= 0:
             return a
-        sparse = a * (a.abs() > self.threshold)
-        if self.positions < 1.0 and a.dim() >= 2:
-            n = sparsified_positions(a.shape[-2], self.positions)
-            sparse = torch.cat([a[..., : a.shape[-2] - n, :], sparse[..., a.shape[-2] - n:, :]], dim=-2)
-        return sparse
+        return sparsify_trailing(a, a * (a.abs() > self.threshold), self.positions)
 
 
 def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
