@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import wisparse
-from wisparse.alpha import dense_log_probs, kl_to_dense
+from wisparse.alpha import dense_reference, selection_loss
 from wisparse.sparsify import build_config
 
 
@@ -24,13 +24,13 @@ def main() -> None:
                for role, n in (("calibration", 8), ("selection", 4), ("evaluation", 16))}
     stats = wisparse.collect_stats(model, windows["calibration"], progress=False)
     sparsities = wisparse.uniform_allocation(model, "wisparse", args.sparsity)
-    reference = dense_log_probs(model, windows["selection"])
+    reference = dense_reference(model, windows["selection"], "kl")
     print(f"SmolLM2-135M-Instruct fp32 CPU, uniform {args.sparsity}, threshold mode, dense-pass thresholds from "
           f"8x{args.window_len} calibration tokens; selection 4x{args.window_len}; test 16x{args.window_len}")
     for alpha in stats.alpha_grid:
         config = build_config(model, stats, "wisparse", "threshold", sparsities, {n: alpha for n in sparsities})
         wisparse.sparsify_(model, config)
-        kl = kl_to_dense(model, windows["selection"], reference)
+        kl = selection_loss(model, windows["selection"], "kl", reference)
         selection_ppl = wisparse.perplexity(model, windows["selection"], progress=False)["ppl"]
         test_ppl = wisparse.perplexity(model, windows["evaluation"], progress=False)["ppl"]
         print(f"alpha {alpha}: selection KL {kl:.5f} selection ppl {selection_ppl:.3f} test ppl {test_ppl:.3f}",

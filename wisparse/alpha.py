@@ -1,9 +1,15 @@
 """Choosing WiSparse's per-layer alpha on selection text, by what the whole model's output says.
 
 Choosing each layer's alpha by that layer's own reconstruction error was measured to lose to both special cases
-(method.md): a layer-local error cannot see how a mask's damage propagates. Here every candidate is scored by
-the KL divergence of the sparsified model's next-token distribution from the dense model's, on selection windows
-(never evaluation text):
+(method.md): a layer-local error cannot see how a mask's damage propagates. Here every candidate is scored by the
+whole sparsified model on selection windows (never evaluation text), by one of two criteria:
+
+- nll (default): the mean next-token negative log-likelihood of the selection text, i.e. the log of the perplexity
+  the model will be judged by; on the CPU check (benchmarks/results/alpha_criteria_cpu.txt) it ranked the alphas
+  as test perplexity did where the KL did not;
+- kl: the KL divergence of the sparsified model's next-token distribution from the dense model's.
+
+The searches:
 
 1. global: one alpha for all blocks, every value of the grid (the grid holds TEAL's 0 and WINA's 1, so the
    choice is never worse than either on selection text);
@@ -29,33 +35,54 @@ from wisparse.models.adapters import adapter_for
 from wisparse.sparsify import apply_projection, build_config, sparsify_, unsparsify_
 
 SEARCHES = ("global", "block", "validated")
+CRITERIA = ("nll", "kl")
 
 
-def _kl(log_p: torch.Tensor, logits: torch.Tensor) -> float:
-    """Summed KL(p || softmax(logits)) over the tokens of one window."""
-    log_q = F.log_softmax(logits.float(), -1)
-    log_p = log_p.float()
-    kl = (log_p.exp() * (log_p - log_q)).sum()
-    if not torch.isfinite(kl):
+def check_alpha_selector(search: str, criterion: str) -> None:
+    if search not in SEARCHES:
+        raise WisparseError(f"unknown alpha search {search!r}; choose one of {', '.join(SEARCHES)}")
+    if criterion not in CRITERIA:
+        raise WisparseError(f"unknown alpha criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def _window_loss(criterion: str, window: torch.Tensor, reference: torch.Tensor | None, logits: torch.Tensor) -> float:
+    """Summed loss over the tokens of one window: KL(dense || softmax(logits)), or the NLL of the window's
+    next tokens."""
+    logits = logits.float()
+    if criterion == "kl":
+        log_p = reference.float()
+        loss = (log_p.exp() * (log_p - F.log_softmax(logits, -1))).sum()
+    else:
+        loss = F.cross_entropy(logits[:-1], window[1:].to(logits.device), reduction="sum")
+    if not torch.isfinite(loss):
         raise WisparseError("non-finite (NaN/Inf) logits during alpha selection")
-    return float(kl)
+    return float(loss)
+
+
+def _scored_tokens(criterion: str, windows: torch.Tensor) -> int:
+    return windows.numel() - (len(windows) if criterion == "nll" else 0)
 
 
 @torch.no_grad()
-def dense_log_probs(model: nn.Module, windows: torch.Tensor) -> list[torch.Tensor]:
-    """The dense model's next-token log-probabilities per window, kept in float16 to halve memory."""
+def dense_reference(model: nn.Module, windows: torch.Tensor, criterion: str) -> list[torch.Tensor | None]:
+    """What the criterion compares against: the dense model's next-token log-probabilities per window (kl, kept
+    in float16 to halve memory), or nothing (nll compares with the text itself)."""
+    check_alpha_selector("global", criterion)
+    if criterion == "nll":
+        return [None] * len(windows)
     device = next(model.parameters()).device
     return [F.log_softmax(model(input_ids=w[None].to(device), use_cache=False).logits[0].float(), -1).half()
             for w in windows]
 
 
 @torch.no_grad()
-def kl_to_dense(model: nn.Module, windows: torch.Tensor, reference: list[torch.Tensor]) -> float:
-    """Mean over tokens of KL(dense || model), running the whole model."""
+def selection_loss(model: nn.Module, windows: torch.Tensor, criterion: str,
+                   reference: list[torch.Tensor | None]) -> float:
+    """Mean per-token loss of the whole model (as it is now, dense or sparsified) on `windows`."""
     device = next(model.parameters()).device
-    total = sum(_kl(ref, model(input_ids=w[None].to(device), use_cache=False).logits[0])
+    total = sum(_window_loss(criterion, w, ref, model(input_ids=w[None].to(device), use_cache=False).logits[0])
                 for w, ref in zip(windows, reference))
-    return total / windows.numel()
+    return total / _scored_tokens(criterion, windows)
 
 
 @torch.no_grad()
@@ -68,16 +95,16 @@ def select_alphas(
     *,
     grid: tuple[float, ...] | None = None,
     search: str = "block",
+    criterion: str = "nll",
     share_site_masks: bool = False,
     positions: float = 1.0,
     progress: bool = True,
 ) -> tuple[dict[str, float], dict]:
     """Per-projection alphas (one value per block) and a record of the search. `model` must be dense on entry
     and is dense again on return. `windows` are selection tokens."""
-    if search not in SEARCHES:
-        raise WisparseError(f"unknown alpha search {search!r}; choose one of {', '.join(SEARCHES)}")
+    check_alpha_selector(search, criterion)
     if search == "validated":
-        return _validated_search(model, stats, windows, mode, sparsities, grid=grid,
+        return _validated_search(model, stats, windows, mode, sparsities, grid=grid, criterion=criterion,
                                  share_site_masks=share_site_masks, positions=positions, progress=progress)
     if grid is None:
         if stats is None:
@@ -89,7 +116,7 @@ def select_alphas(
     start = time.perf_counter()
     adapter = adapter_for(model)
     n_blocks = len(adapter.blocks(model))
-    reference = dense_log_probs(model, windows)
+    reference = dense_reference(model, windows, criterion)
     configs = {a: build_config(model, stats, "wisparse", mode, sparsities, {n: a for n in sparsities},
                                share_site_masks=share_site_masks, positions=positions) for a in grid}
     sparsify_(model, configs[grid[0]])
@@ -111,20 +138,22 @@ def select_alphas(
     # batch): a trial is n_blocks - b launches of each kernel, not n_windows times that.
     runner.hidden = [torch.cat(runner.hidden)]
 
-    def kl_from(b: int) -> float:
+    def loss_from(b: int) -> float:
         hidden = runner.hidden[0]
         for i in range(b, n_blocks):
             hidden = runner.run(i, hidden)
-        total = sum(_kl(ref, adapter.logits(model, hidden[w: w + 1])[0]) for w, ref in enumerate(reference))
-        return total / windows.numel()
+        total = sum(_window_loss(criterion, windows[w], ref, adapter.logits(model, hidden[w: w + 1])[0])
+                    for w, ref in enumerate(reference))
+        return total / _scored_tokens(criterion, windows)
 
-    record = {"search": search, "grid": list(grid), "global_kl": {}, "block_changes": [], "evaluations": 0}
+    record = {"search": search, "criterion": criterion, "grid": list(grid), "global_loss": {}, "block_changes": [],
+              "evaluations": 0}
     for alpha in tqdm(grid, desc="alpha (global)", disable=not progress):
         for b in range(n_blocks):
             set_block(b, alpha)
-        record["global_kl"][str(alpha)] = kl_from(0)
-    best_alpha = min(grid, key=lambda a: record["global_kl"][str(a)])
-    best_kl = record["global_kl"][str(best_alpha)]
+        record["global_loss"][str(alpha)] = loss_from(0)
+    best_alpha = min(grid, key=lambda a: record["global_loss"][str(a)])
+    best_loss = record["global_loss"][str(best_alpha)]
     for b in range(n_blocks):
         set_block(b, best_alpha)
     record["evaluations"] = len(grid)
@@ -135,21 +164,22 @@ def select_alphas(
                 if alpha == current:
                     continue
                 set_block(b, alpha)
-                kl = kl_from(b)
+                loss = loss_from(b)
                 record["evaluations"] += 1
-                if kl < best_kl:
-                    best_kl, current = kl, alpha
-                    record["block_changes"].append({"block": b, "alpha": alpha, "kl": kl})
+                if loss < best_loss:
+                    best_loss, current = loss, alpha
+                    record["block_changes"].append({"block": b, "alpha": alpha, "loss": loss})
             set_block(b, current)
             runner.advance(b)
     unsparsify_(model)
-    record.update(global_best=best_alpha, best_kl=best_kl, block_alphas=list(block_alpha),
+    record.update(global_best=best_alpha, best_loss=best_loss, block_alphas=list(block_alpha),
                   seconds=round(time.perf_counter() - start, 2), tokens=windows.numel())
     alphas = {n: block_alpha[adapter.block_index(n)] for n in sparsities}
     return alphas, record
 
 
-def _validated_search(model, stats, windows, mode, sparsities, *, grid, share_site_masks, positions, progress):
+def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterion, share_site_masks, positions,
+                      progress):
     """Block search on the first half of the selection windows; then the block-wise result, the best global
     alpha, TEAL's 0 and WINA's 1 compete on the held-out second half, which guards against the sweep fitting
     the noise of the windows it searched on."""
@@ -157,17 +187,17 @@ def _validated_search(model, stats, windows, mode, sparsities, *, grid, share_si
         raise WisparseError("the validated alpha search needs at least 2 selection windows")
     half = len(windows) // 2
     searched, record = select_alphas(model, stats, windows[:half], mode, sparsities, grid=grid, search="block",
-                                     share_site_masks=share_site_masks, positions=positions, progress=progress)
+                                     criterion=criterion, share_site_masks=share_site_masks, positions=positions, progress=progress)
     candidates = {"block": searched, "global": {n: record["global_best"] for n in sparsities},
                   "teal": {n: 0.0 for n in sparsities}, "wina": {n: 1.0 for n in sparsities}}
     held_out = windows[half:]
-    reference = dense_log_probs(model, held_out)
+    reference = dense_reference(model, held_out, criterion)
     scores = {}
     for label, alphas in candidates.items():
         sparsify_(model, build_config(model, stats, "wisparse", mode, sparsities, alphas,
                                       share_site_masks=share_site_masks, positions=positions))
-        scores[label] = kl_to_dense(model, held_out, reference)
+        scores[label] = selection_loss(model, held_out, criterion, reference)
         unsparsify_(model)
     chosen = min(scores, key=scores.get)
-    record.update(search="validated", held_out_kl=scores, chosen=chosen, tokens=windows.numel())
+    record.update(search="validated", held_out_loss=scores, chosen=chosen, tokens=windows.numel())
     return candidates[chosen], record

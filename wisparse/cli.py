@@ -49,8 +49,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="target sparsity in [0, 1) (cats: of the MLP intermediate)")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of --window-len tokens")
     p.add_argument("--selection-windows", type=int, default=2, help="selection windows for wisparse's alpha")
-    p.add_argument("--alpha-search", default="block",
-                   help="global (one alpha), block (one per block) or validated (block, checked on held-out windows)")
+    p.add_argument("--alpha-search", default="validated",
+                   help="global (one alpha), block (one per block) or validated (block search on half the selection "
+                        "windows, checked against global, teal and wina on the other half; the default)")
+    p.add_argument("--alpha-criterion", default="nll",
+                   help="what the alpha search minimises on selection text: nll (its perplexity; default) or kl "
+                        "(divergence from the dense model)")
     p.add_argument("--no-sequential", action="store_true",
                    help="skip the sequential threshold refinement (faster; realised sparsity drifts)")
     p.add_argument("--share-site-masks", action="store_true", help="one mask per site instead of per projection")
@@ -88,7 +92,8 @@ def _config_from_args(model, tokenizer, args):
     return wisparse.calibrate(
         model, tokenizer, args.method, args.sparsity, args.mode, data_dir=args.data_dir,
         calib_windows=args.calib_windows, window_len=args.window_len, selection_windows=args.selection_windows,
-        alpha_search=args.alpha_search, sequential=not args.no_sequential, share_site_masks=args.share_site_masks,
+        alpha_search=args.alpha_search, alpha_criterion=args.alpha_criterion, sequential=not args.no_sequential,
+        share_site_masks=args.share_site_masks,
         positions=args.positions, checkpoint=args.checkpoint)
 
 
@@ -123,6 +128,7 @@ def cmd_compare(args) -> None:
     rows = ppl_table(model, tokenizer, runs, data_dir=args.data_dir, eval_windows=args.eval_windows,
                      calib_windows=args.calib_windows, window_len=args.window_len,
                      selection_windows=args.selection_windows, alpha_search=args.alpha_search,
+                     alpha_criterion=args.alpha_criterion,
                      sequential=not args.no_sequential, positions=args.positions,
                      cache=ResultCache(args.cache), log=lambda line: print(line, flush=True))
     protocol = {"model": args.model or "SmolLM2-135M-Instruct (built-in)", "device": _device(args.device),

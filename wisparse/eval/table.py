@@ -5,6 +5,7 @@ import time
 
 from torch import nn
 
+from wisparse.alpha import check_alpha_selector
 from wisparse.calibrate import collect_stats
 from wisparse.config import projection_numels
 from wisparse.data import role_windows
@@ -13,7 +14,7 @@ from wisparse.eval.perplexity import perplexity
 from wisparse.saliency import DEFAULT_ALPHA_GRID
 from wisparse.sparsify import sparsify_, unsparsify_
 
-SELECTOR_VERSION = 2  # bump when the alpha selection changes, so cached wisparse rows are recomputed
+SELECTOR_VERSION = 3  # bump when the alpha selection changes, so cached wisparse rows are recomputed
 
 
 def fingerprint_summary(model: nn.Module) -> str:
@@ -30,7 +31,8 @@ def ppl_table(
     calib_windows: int,
     window_len: int = 2048,
     selection_windows: int = 4,
-    alpha_search: str = "block",
+    alpha_search: str = "validated",
+    alpha_criterion: str = "nll",
     sequential: bool = True,
     positions: float = 1.0,
     cache: ResultCache | None = None,
@@ -40,6 +42,7 @@ def ppl_table(
     """One row per (method, mode, sparsity) of `runs` (method "dense" for the dense model)."""
     from wisparse import bos_id, calibrate
 
+    check_alpha_selector(alpha_search, alpha_criterion)
     cache = cache or ResultCache(None)
     bos = bos_id(model, tokenizer)
     evaluation = role_windows("evaluation", tokenizer, window_len, eval_windows, data_dir, bos)
@@ -48,8 +51,8 @@ def ppl_table(
     setting = dict(model=fingerprint_summary(model), dtype=str(next(model.parameters()).dtype),
                    eval_windows=len(evaluation), window_len=window_len, calib_windows=calib_windows,
                    sequential=sequential, positions=positions)
-    selector = dict(selection_windows=selection_windows, alpha_search=alpha_search, alpha_grid=DEFAULT_ALPHA_GRID,
-                    selector=SELECTOR_VERSION)
+    selector = dict(selection_windows=selection_windows, alpha_search=alpha_search, alpha_criterion=alpha_criterion,
+                    alpha_grid=DEFAULT_ALPHA_GRID, selector=SELECTOR_VERSION)
     stats = calib = selection = None
     rows = []
     for method, mode, sparsity in runs:
@@ -66,7 +69,7 @@ def ppl_table(
                 config = calibrate(model, tokenizer, method, sparsity, mode, data_dir=data_dir,
                                    calib_windows=calib_windows, window_len=window_len,
                                    selection_windows=selection_windows, alpha_search=alpha_search,
-                                   sequential=sequential, positions=positions, stats=stats, calib_tokens=calib,
+                                   alpha_criterion=alpha_criterion, sequential=sequential, positions=positions, stats=stats, calib_tokens=calib,
                                    selection_tokens=selection, progress=progress)
                 sparsify_(model, config)
             calib_seconds = time.perf_counter() - start
@@ -93,9 +96,9 @@ def ppl_table(
                 alphas = config.selection.get("block_alphas", [])
                 changes = len(config.selection.get("block_changes", []))
                 row["alpha"] = f"global {config.selection.get('global_best')}" + (
-                    f", {changes} block changes" if alpha_search == "block" else "")
+                    f", {changes} block changes" if alpha_search != "global" else "")
                 row["alpha_blocks"] = alphas
-                row["alpha_search"] = alpha_search
+                row["alpha_search"] = f"{alpha_search} ({alpha_criterion})"
                 if alpha_search == "validated":
                     row["alpha"] += f", held-out choice: {config.selection.get('chosen')}"
                 row["selection_seconds"] = config.selection.get("seconds")
