@@ -23,7 +23,7 @@ if [ ! -d /tmp/wcache/models/SmolLM2-135M-Instruct.Q4_1 ]; then
 fi
 [ -f .stage/cache/ppl_cache.jsonl ] && cp .stage/cache/ppl_cache.jsonl $OUT/ppl_cache.jsonl
 # timeout: whatever finished is in the row cache, which still comes back, if the call's limit is near
-timeout "${PPL_TIMEOUT:-540}" python3 benchmarks/ppl_smollm2.py --model $G --data-dir .stage/data --device cuda \
-  --selector-ablation "${SELECTOR_ABLATION:-global:nll,global:kl}" \
+timeout "${PPL_TIMEOUT:-420}" python3 benchmarks/ppl_smollm2.py --model $G --data-dir .stage/data --device cuda \
+  --selector-ablation "${SELECTOR_ABLATION:-global:kl}" \
   --out $OUT/ppl_smollm2 --cache $OUT/ppl_cache.jsonl > $OUT/log.txt 2>&1
 rc=$?; grep -v -i -E "warn|it/s" $OUT/log.txt | tail -50; exit $rc

@@ -4,21 +4,24 @@ Choosing each layer's alpha by that layer's own reconstruction error was measure
 (method.md): a layer-local error cannot see how a mask's damage propagates. Here every candidate is scored by the
 whole sparsified model on selection windows (never evaluation text), by one of two criteria:
 
-- nll (default): the mean next-token negative log-likelihood of the selection text, i.e. the log of the perplexity
-  the model will be judged by; on the CPU check (benchmarks/results/alpha_criteria_cpu.txt) it ranked the alphas
-  as test perplexity did where the KL did not;
-- kl: the KL divergence of the sparsified model's next-token distribution from the dense model's.
+- kl (default): the KL divergence of the sparsified model's next-token distribution from the dense model's. It
+  compares whole distributions at every position, so it is far less noisy than the NLL;
+- nll: the mean next-token negative log-likelihood of the selection text (the log of its perplexity). It scores
+  only the one observed token per position; on the H200 table it chose worse alphas than kl at most levels
+  (benchmarks/results/ppl_smollm2_selectors.md).
 
 The searches:
 
 1. global: one alpha for all blocks, every value of the grid (the grid holds TEAL's 0 and WINA's 1, so the
    choice is never worse than either on selection text);
-2. block: one sweep over the blocks in forward order, each trying every other alpha of the grid with the rest
-   fixed, keeping a change only when the KL falls. A trial of block b reruns only blocks b.. from the cached
+2. block: one sweep over the blocks in forward order, each trying the grid's neighbours (block_steps grid steps
+   either side, default 1) of the best global alpha with the rest fixed, keeping a change only when the loss
+   falls. Few, local trials per block: trying the whole grid at every block fitted the noise of the selection
+   windows (30 blocks x 6 trials of near-equal loss). A trial of block b reruns only blocks b.. from the cached
    hidden states entering block b (all windows as one batch), and swaps precomputed thresholds: no weight or
    statistics work per trial.
 3. validated (an option): the block search on half of the selection windows, then a choice between its result,
-   the best global alpha, 0 and 1 by the KL on the other half.
+   the best global alpha, 0 and 1 by the loss on the other half.
 """
 from __future__ import annotations
 
@@ -95,7 +98,8 @@ def select_alphas(
     *,
     grid: tuple[float, ...] | None = None,
     search: str = "block",
-    criterion: str = "nll",
+    criterion: str = "kl",
+    block_steps: int = 1,
     share_site_masks: bool = False,
     positions: float = 1.0,
     progress: bool = True,
@@ -105,7 +109,7 @@ def select_alphas(
     check_alpha_selector(search, criterion)
     if search == "validated":
         return _validated_search(model, stats, windows, mode, sparsities, grid=grid, criterion=criterion,
-                                 share_site_masks=share_site_masks, positions=positions, progress=progress)
+                                 block_steps=block_steps, share_site_masks=share_site_masks, positions=positions, progress=progress)
     if grid is None:
         if stats is None:
             raise WisparseError("give an alpha grid or calibration statistics")
@@ -158,11 +162,11 @@ def select_alphas(
         set_block(b, best_alpha)
     record["evaluations"] = len(grid)
     if search == "block":
+        at = grid.index(best_alpha)
+        trials = [a for a in grid[max(0, at - block_steps): at + block_steps + 1] if a != best_alpha]
         for b in tqdm(range(n_blocks), desc="alpha (per block)", disable=not progress):
             current = block_alpha[b]
-            for alpha in grid:
-                if alpha == current:
-                    continue
+            for alpha in trials:
                 set_block(b, alpha)
                 loss = loss_from(b)
                 record["evaluations"] += 1
@@ -178,8 +182,8 @@ def select_alphas(
     return alphas, record
 
 
-def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterion, share_site_masks, positions,
-                      progress):
+def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterion, block_steps, share_site_masks,
+                      positions, progress):
     """Block search on the first half of the selection windows; then the block-wise result, the best global
     alpha, TEAL's 0 and WINA's 1 compete on the held-out second half, which guards against the sweep fitting
     the noise of the windows it searched on."""
@@ -187,7 +191,7 @@ def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterio
         raise WisparseError("the validated alpha search needs at least 2 selection windows")
     half = len(windows) // 2
     searched, record = select_alphas(model, stats, windows[:half], mode, sparsities, grid=grid, search="block",
-                                     criterion=criterion, share_site_masks=share_site_masks, positions=positions, progress=progress)
+                                     criterion=criterion, block_steps=block_steps, share_site_masks=share_site_masks, positions=positions, progress=progress)
     candidates = {"block": searched, "global": {n: record["global_best"] for n in sparsities},
                   "teal": {n: 0.0 for n in sparsities}, "wina": {n: 1.0 for n in sparsities}}
     held_out = windows[half:]

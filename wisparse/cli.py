@@ -49,12 +49,13 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="target sparsity in [0, 1) (cats: of the MLP intermediate)")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows of --window-len tokens")
     p.add_argument("--selection-windows", type=int, default=2, help="selection windows for wisparse's alpha")
-    p.add_argument("--alpha-search", default="validated",
-                   help="global (one alpha), block (one per block) or validated (block search on half the selection "
-                        "windows, checked against global, teal and wina on the other half; the default)")
-    p.add_argument("--alpha-criterion", default="nll",
-                   help="what the alpha search minimises on selection text: nll (its perplexity; default) or kl "
-                        "(divergence from the dense model)")
+    p.add_argument("--alpha-search", default="block",
+                   help="global (one alpha), block (the default: the global alpha, then each block tries its grid "
+                        "neighbours) or validated (block search on half the selection windows, checked against "
+                        "global, teal and wina on the other half)")
+    p.add_argument("--alpha-criterion", default="kl",
+                   help="what the alpha search minimises on selection text: kl (divergence from the dense model; "
+                        "default) or nll (the text's perplexity; noisier)")
     p.add_argument("--no-sequential", action="store_true",
                    help="skip the sequential threshold refinement (faster; realised sparsity drifts)")
     p.add_argument("--share-site-masks", action="store_true", help="one mask per site instead of per projection")

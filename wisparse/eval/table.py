@@ -14,7 +14,7 @@ from wisparse.eval.perplexity import perplexity
 from wisparse.saliency import DEFAULT_ALPHA_GRID
 from wisparse.sparsify import sparsify_, unsparsify_
 
-SELECTOR_VERSION = 3  # bump when the alpha selection changes, so cached wisparse rows are recomputed
+SELECTOR_VERSION = 4  # bump when the alpha selection changes, so cached wisparse rows are recomputed
 
 
 def fingerprint_summary(model: nn.Module) -> str:
@@ -31,8 +31,8 @@ def ppl_table(
     calib_windows: int,
     window_len: int = 2048,
     selection_windows: int = 4,
-    alpha_search: str = "validated",
-    alpha_criterion: str = "nll",
+    alpha_search: str = "block",
+    alpha_criterion: str = "kl",
     sequential: bool = True,
     positions: float = 1.0,
     cache: ResultCache | None = None,
