@@ -1,0 +1,72 @@
+"""Every alpha selector tried on the H200 perplexity table, side by side with TEAL and WINA, read from the row
+caches (no model is run). Writes benchmarks/results/ppl_smollm2_selector_history.md.
+
+    python benchmarks/selector_history.py
+
+Each selector's rows were computed once, on the same evaluation windows and calibration thresholds as the
+baselines; its selector was fixed before its rows were seen. '<' marks a level where that selector's wisparse is
+no worse than both TEAL and WINA (the issue's criterion), 'x' one where it is worse than either.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LEVELS = (0.25, 0.4, 0.5, 0.6, 0.7)
+SELECTORS = {  # label -> (cache file, spec fields that identify it)
+    "v1: block, kl, 4 windows, grid 0-1": ("ppl_smollm2_selector_v1.jsonl", {"selection_windows": 4}),
+    "v2: block (whole grid), kl, 8 windows": ("ppl_smollm2_cache.jsonl", {"selector": 2}),
+    "v3: validated, nll, 16 windows": ("ppl_smollm2_cache.jsonl", {"selector": 3}),
+    "v4: global, kl, 16 windows": ("ppl_smollm2_cache.jsonl", {"selector": 4, "alpha_search": "global"}),
+    "v4: block (grid neighbours), kl, 16 windows (main table)": ("ppl_smollm2_cache.jsonl",
+                                                                  {"selector": 4, "alpha_search": "block"}),
+}
+
+
+def load(name: str) -> list[dict]:
+    return [json.loads(line) for line in (RESULTS / name).read_text().splitlines() if line.strip()]
+
+
+def ppl_of(entries: list[dict], method: str, mode: str, level: float, match: dict) -> float | None:
+    for entry in entries:
+        spec = entry["spec"]
+        if (spec["method"], spec["mode"], spec["sparsity"]) == (method, mode, level) and all(
+                spec.get(k) == v for k, v in match.items()):
+            return entry["result"]["ppl"]
+    return None
+
+
+def main() -> None:
+    main_cache = load("ppl_smollm2_cache.jsonl")
+    lines = ["# Alpha selectors tried on the H200 table (SmolLM2-135M-Instruct, fp32, 32 x 2048 test tokens)", "",
+             " ".join(__doc__.split("\n\n")[2].split()), ""]
+    for mode in ("threshold", "topk"):
+        header = ["level", "teal", "wina", *SELECTORS]
+        lines += [f"## {mode} mode", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        wins = dict.fromkeys(SELECTORS, 0)
+        counted = dict.fromkeys(SELECTORS, 0)
+        for level in LEVELS:
+            teal = ppl_of(main_cache, "teal", mode, level, {})
+            wina = ppl_of(main_cache, "wina", mode, level, {})
+            cells = [f"{level:.2f}", f"{teal:.3f}", f"{wina:.3f}"]
+            for label, (cache, match) in SELECTORS.items():
+                ppl = ppl_of(load(cache), "wisparse", mode, level, match)
+                if ppl is None:
+                    cells.append("not run")
+                    continue
+                ok = ppl <= min(teal, wina)
+                if level >= 0.4:
+                    counted[label] += 1
+                    wins[label] += ok
+                cells.append(f"{ppl:.3f} {'<' if ok else 'x'}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Levels 0.40-0.70 where wisparse is no worse than both: " + "; ".join(
+            f"{label.split(', kl')[0].split(', nll')[0]} {wins[label]}/{counted[label]}" for label in SELECTORS), ""]
+    out = RESULTS / "ppl_smollm2_selector_history.md"
+    out.write_text("\n".join(lines))
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
