@@ -168,7 +168,7 @@ def time_kernel(K: int, widths: list[int], B: int, sparsity: float, cfg: GemvCon
     wts = _weights(K, N, dtype)
     nw = len(wts)
     xs, t = _inputs(K, B, len(widths), 0.0 if dense else sparsity, 8, dtype, gen)
-    cfg = cfg or default_config(K, N, B)
+    cfg = cfg or default_config(K, N, B, dense=dense)
     tm = _graph_time(lambda i: launch_sparse_gemv(xs[i % len(xs)], wts[i % nw], t, widths, dense=dense, config=cfg))
     # bytes actually read: surviving rows (union over the batch) of each projection + x + thresholds + partials
     rows = 0

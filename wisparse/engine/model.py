@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import decode_ops as ops
-from ..kernels import ops as _gemv_ops  # noqa: F401  (registers torch.ops.wisparse.sparse_gemv)
+from ..kernels import ops as kops  # also registers torch.ops.wisparse.sparse_gemv
+from ..kernels.sparse_gemv import list_buffers
 
 # Family adapters: where each family's RoPE class lives. Module names (q_proj ... down_proj) are shared.
 FAMILIES = {
@@ -108,6 +109,7 @@ class Decoder:
         self.backend = "triton"     # "triton": sparse GEMV op; "cublas": F.linear on the weight views
         self.meter = None           # [n_layers, 4, 3] float64 counts of dropped channels when set
         self.hook = None            # hook(layer, group, x [B, K]) in eager steps (calibration)
+        self._list_bufs: dict = {}  # (group name, segment) -> survivor-list buffers, shared by all layers
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.cos = self.sin = None
@@ -290,8 +292,25 @@ class Decoder:
     # ------------------------------------------------------------------------------------------------------------
     # fast path: one decode step (CUDA-graph capturable: fixed shapes, device-side position, no host syncs)
     # ------------------------------------------------------------------------------------------------------------
-    def _gemv(self, i: int, gname: str, g: Group, x: torch.Tensor) -> torch.Tensor:
-        """x [B, K] -> partials [S, B, N] (fp32 from the sparse GEMV op, or [1, B, N] in dtype from cuBLAS)."""
+    def _lists_for(self, i: int, gname: str):
+        """(t, seg, buffers, config) when group `gname` of layer i reads survivor lists that the kernel producing
+        its input writes (batch 1, sparse, a `listed` configuration: qkv and gu after add_rmsnorm, down after
+        silu_mul); else None. The o projection's input comes from attention: the op compacts it itself."""
+        if i >= len(self.layers) or self.backend != "triton" or not self.sparse or self.tokens.shape[0] != 1:
+            return None
+        g = getattr(self.layers[i], gname)
+        K, N = g.wt.shape
+        cfg = kops.get_config(K, N, 1, False)
+        if not (g.sparse and cfg.listed):
+            return None
+        key = (gname, cfg.kr)
+        if key not in self._list_bufs:
+            self._list_bufs[key] = list_buffers(len(g.widths), K, cfg.kr, self.device)
+        return g.t, cfg.kr, self._list_bufs[key], cfg
+
+    def _gemv(self, i: int, gname: str, g: Group, x: torch.Tensor, lists=None) -> torch.Tensor:
+        """x [B, K] -> partials [S, B, N] (fp32 from the sparse GEMV op, or [1, B, N] in dtype from cuBLAS).
+        `lists` (from `_lists_for`): x's survivor lists, already written by the kernel that produced x."""
         sparse = self.sparse and g.sparse
         if self.hook is not None:  # eager only (calibration); never set while capturing
             self.hook(i, gname, x)
@@ -303,24 +322,30 @@ class Decoder:
                 return torch.cat([F.linear(x * (x.abs() > g.t[p].to(x.dtype)), g.view(p))
                                   for p in range(len(g.widths))], dim=-1).unsqueeze(0)
             return F.linear(x, g.wt.t()).unsqueeze(0)
+        if lists is not None:
+            return kops.gemv_list(*lists[2], g.wt, g.widths, lists[3])
         return torch.ops.wisparse.sparse_gemv(x, g.wt, g.t, g.widths, not sparse)
 
     def step(self) -> torch.Tensor:
         """Decode one token per row: reads self.tokens [B] at self.pos, writes the cache; returns logits [B, V]."""
         h = F.embedding(self.tokens, self.embed)
-        x = ops.add_rmsnorm(h, None, self.layers[0].ln1, self.eps)
+        lst = self._lists_for(0, "qkv")
+        x = ops.add_rmsnorm(h, None, self.layers[0].ln1, self.eps, lists=lst)
         n = len(self.layers)
         for i, lyr in enumerate(self.layers):
-            p = self._gemv(i, "qkv", lyr.qkv, x)
+            p = self._gemv(i, "qkv", lyr.qkv, x, lst)
             q = ops.qkv_rope_cache(p, lyr.qkv.bias, self.cos, self.sin, self.pos, self.k_cache[i], self.v_cache[i],
                                    self.H, self.Hkv)
             a = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], self.pos, lyr.window)
             p = self._gemv(i, "o", lyr.o, a)
-            x = ops.add_rmsnorm(h, p, lyr.ln2, self.eps)
-            p = self._gemv(i, "gu", lyr.gu, x)
-            m = ops.silu_mul(p, self.I, self.dtype)
-            p = self._gemv(i, "down", lyr.down, m)
-            x = ops.add_rmsnorm(h, p, self.layers[i + 1].ln1 if i + 1 < n else self.norm, self.eps)
+            lst = self._lists_for(i, "gu")
+            x = ops.add_rmsnorm(h, p, lyr.ln2, self.eps, lists=lst)
+            p = self._gemv(i, "gu", lyr.gu, x, lst)
+            lst = self._lists_for(i, "down")
+            m = ops.silu_mul(p, self.I, self.dtype, lists=lst)
+            p = self._gemv(i, "down", lyr.down, m, lst)
+            lst = self._lists_for(i + 1, "qkv")
+            x = ops.add_rmsnorm(h, p, self.layers[i + 1].ln1 if i + 1 < n else self.norm, self.eps, lists=lst)
         if self.backend == "triton" and self.lm_head_t is not None:
             return torch.ops.wisparse.sparse_gemv(x, self.lm_head_t, self._dense_t, [self.V], True).sum(0).to(x.dtype)
         return F.linear(x, self.lm_head)

@@ -8,6 +8,10 @@ dtype where HF rounds).
 * qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H, Hkv) -> q [B, H, D] (RoPE'd); writes k, v
 * decode_attention(q, k_cache, v_cache, pos, window) -> o [B, H*D]   (flash-decoding: split over keys + combine)
 * silu_mul(partials, I) -> round(silu(round(gate))) * round(up)      (gate|up fused partials [S, B, 2I])
+
+add_rmsnorm and silu_mul can also write, for batch 1, the survivor lists of their output for the next sparse GEMV
+(`lists=(t [P, K], seg, (idx, xv, cnt))`, see `sparse_gemv.list_buffers`): the threshold test and the compaction
+happen where x is produced, once, instead of in every GEMV program or in an extra launch.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .sparse_gemv import HAVE_TRITON
+from .sparse_gemv import HAVE_TRITON, reference_compact
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from .sparse_gemv import _store_list
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -84,23 +90,31 @@ def ref_decode_attention(q, k_cache, v_cache, pos, window: int = 0):
 if HAVE_TRITON:
 
     @triton.jit
-    def _add_rmsnorm_kernel(h_ptr, p_ptr, w_ptr, out_ptr, B, D, eps, S: tl.constexpr,
-                            HAS_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _add_rmsnorm_kernel(h_ptr, p_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NSEG, eps,
+                            S: tl.constexpr, HAS_P: tl.constexpr, NS: tl.constexpr, SEG: tl.constexpr,
+                            P_LIST: tl.constexpr):
+        """One program per row; the row is held as [NS, SEG] (segments of the survivor lists when P_LIST > 0)."""
         b = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_D)
+        seg = tl.arange(0, NS)
+        offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
         m = offs < D
         h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
         if HAS_P:
-            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            acc = tl.zeros((NS, SEG), dtype=tl.float32)
             for s in tl.static_range(S):  # unrolled: all partial rows in flight at once
                 acc += tl.load(p_ptr + (s * B + b) * D + offs, mask=m, other=0.0)
             h = (h.to(tl.float32) + acc.to(h.dtype).to(tl.float32)).to(h.dtype)
             tl.store(h_ptr + b * D + offs, h, mask=m)
         hf = h.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(hf * hf, axis=1), axis=0) / D + eps)
         xn = (hf * rstd).to(h.dtype)
         w = tl.load(w_ptr + offs, mask=m, other=0.0)
-        tl.store(out_ptr + b * D + offs, (w.to(tl.float32) * xn.to(tl.float32)).to(h.dtype), mask=m)
+        y = (w.to(tl.float32) * xn.to(tl.float32)).to(h.dtype)
+        tl.store(out_ptr + b * D + offs, y, mask=m)
+        for p in tl.static_range(P_LIST):  # batch 1: survivor lists of y for each projection's thresholds
+            t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
+            keep = tl.abs(y.to(tl.float32)) > t
+            _store_list(y, keep, offs, seg, seg < NSEG, p * D, p * NSEG, idx_ptr, xv_ptr, cnt_ptr, SEG)
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
@@ -208,12 +222,15 @@ if HAVE_TRITON:
         tl.store(o_ptr + (b * H + hk * G + gi) * D + d, out.to(o_ptr.dtype.element_ty))
 
     @triton.jit
-    def _silu_mul_kernel(p_ptr, out_ptr, B, I, S: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(p_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, I, NSEG, S: tl.constexpr,
+                         BLOCK: tl.constexpr, LIST: tl.constexpr):
+        """Program (b, j): channels [j*BLOCK, (j+1)*BLOCK) of row b; with LIST (batch 1) also list segment j."""
         b = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        seg = tl.program_id(1) + tl.arange(0, 1)
+        offs = seg[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         m = offs < I
-        g = tl.zeros((BLOCK,), dtype=tl.float32)
-        u = tl.zeros((BLOCK,), dtype=tl.float32)
+        g = tl.zeros((1, BLOCK), dtype=tl.float32)
+        u = tl.zeros((1, BLOCK), dtype=tl.float32)
         for s in tl.static_range(S):
             base = p_ptr + (s * B + b) * 2 * I
             g += tl.load(base + offs, mask=m, other=0.0)
@@ -222,21 +239,37 @@ if HAVE_TRITON:
         g = g.to(dt).to(tl.float32)
         u = u.to(dt).to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-        tl.store(out_ptr + b * I + offs, (a * u).to(dt), mask=m)
+        y = (a * u).to(dt)
+        tl.store(out_ptr + b * I + offs, y, mask=m)
+        if LIST:
+            t = tl.load(t_ptr + offs, mask=m, other=float("inf"))
+            keep = tl.abs(y.to(tl.float32)) > t
+            _store_list(y, keep, offs, seg, seg < NSEG, 0, 0, idx_ptr, xv_ptr, cnt_ptr, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # dispatchers
 # ----------------------------------------------------------------------------------------------------------------
-def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """h [B, D] (updated in place with the summed partials), returns rmsnorm(h) * w in h's dtype."""
+def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor, eps: float,
+                lists: tuple | None = None) -> torch.Tensor:
+    """h [B, D] (updated in place with the summed partials), returns rmsnorm(h) * w in h's dtype.
+    lists = (t [P, D] fp32, seg, (idx, xv, cnt)): batch 1 only; also writes the survivor lists of the result."""
     if not _use_triton(h):
-        return ref_add_rmsnorm(h, partials, w, eps)
+        out = ref_add_rmsnorm(h, partials, w, eps)
+        if lists is not None:
+            reference_compact(out, lists[0], lists[1], lists[2])
+        return out
     B, D = h.shape
     out = torch.empty_like(h)
     S = partials.shape[0] if partials is not None else 0
-    _add_rmsnorm_kernel[(B,)](h, partials if partials is not None else h, w, out, B, D, eps, S=S,
-                              HAS_P=partials is not None, BLOCK_D=_np2(D), num_warps=16 if D >= 4096 else 8)
+    seg = lists[1] if lists is not None else _np2(D)
+    ns = _np2(math.ceil(D / seg))
+    t, (idx, xv, cnt) = (lists[0], lists[2]) if lists is not None else (h, (h, h, h))
+    P = t.shape[0] if lists is not None else 0
+    assert lists is None or (B == 1 and t.shape == (P, D) and cnt.shape == (P, math.ceil(D / seg)))
+    _add_rmsnorm_kernel[(B,)](h, partials if partials is not None else h, w, out, t, idx, xv, cnt, B, D,
+                              math.ceil(D / seg), eps, S=S, HAS_P=partials is not None, NS=ns, SEG=seg, P_LIST=P,
+                              num_warps=16 if D >= 4096 else 8)
     return out
 
 
@@ -275,13 +308,21 @@ def decode_attention(q, k_cache, v_cache, pos, window: int = 0, split_l: int | N
     return o
 
 
-def silu_mul(partials: torch.Tensor, I: int, dtype: torch.dtype) -> torch.Tensor:
-    """partials [S, B, 2I] (gate | up) -> round(silu(round(g))) * round(u) [B, I] in dtype."""
+def silu_mul(partials: torch.Tensor, I: int, dtype: torch.dtype, lists: tuple | None = None) -> torch.Tensor:
+    """partials [S, B, 2I] (gate | up) -> round(silu(round(g))) * round(u) [B, I] in dtype.
+    lists = (t [1, I] fp32, seg, (idx, xv, cnt)): batch 1 only; also writes the survivor lists of the result."""
     if not _use_triton(partials):
         y = partials.sum(0).to(dtype)
-        return F.silu(y[:, :I]) * y[:, I:]
+        out = F.silu(y[:, :I]) * y[:, I:]
+        if lists is not None:
+            reference_compact(out, lists[0], lists[1], lists[2])
+        return out
     S, B, _ = partials.shape
     out = torch.empty((B, I), device=partials.device, dtype=dtype)
-    BLOCK = 1024
-    _silu_mul_kernel[(B, math.ceil(I / BLOCK))](partials, out, B, I, S=S, BLOCK=BLOCK, num_warps=4)
+    BLOCK = lists[1] if lists is not None else 1024
+    t, (idx, xv, cnt) = (lists[0], lists[2]) if lists is not None else (out, (out, out, out))
+    assert lists is None or (B == 1 and t.shape == (1, I) and cnt.shape == (1, math.ceil(I / BLOCK)))
+    _silu_mul_kernel[(B, math.ceil(I / BLOCK))](partials, out, t, idx, xv, cnt, B, I, math.ceil(I / BLOCK), S=S,
+                                                BLOCK=BLOCK, LIST=lists is not None,
+                                                num_warps=4 if BLOCK <= 1024 else 8)
     return out

@@ -7,6 +7,11 @@ everywhere.
 
     sparse_gemv(x [B, K], wt [K, N], t [P, K] fp32, widths [P], dense) -> fp32 partials [S, B, N]
     sparse_linear(x, wt, t, widths, dense, bias) -> y [B, N] in x.dtype (partials summed, bias added)
+    gemv_list(idx, xv, cnt, wt, widths, config) -> fp32 partials [S, 1, N] from precomputed survivor lists (batch 1;
+                                                   the decode engine, whose producer kernels write the lists)
+
+With a `listed` configuration (batch 1, sparse), the op compacts x's survivors first (one small launch) and then
+walks the lists; S is then ceil(K / kr) * split (`num_splits`).
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import math
 
 import torch
 
-from .sparse_gemv import HAVE_TRITON, GemvConfig, default_config, launch_sparse_gemv
+from .sparse_gemv import (HAVE_TRITON, GemvConfig, default_config, is_listed, launch_gemv_list, launch_sparse_gemv,
+                          num_splits, reference_compact, reference_gemv_list)
 
 # Tuned launch configurations by (K, N, B); filled by `set_config` (the benchmark's sweep) or left to the heuristic.
 _CONFIGS: dict[tuple[int, int, int, bool], GemvConfig] = {}
@@ -25,7 +31,7 @@ def set_config(K: int, N: int, B: int, dense: bool, config: GemvConfig) -> None:
 
 
 def get_config(K: int, N: int, B: int, dense: bool = False) -> GemvConfig:
-    return _CONFIGS.get((K, N, B, dense)) or default_config(K, N, B)
+    return _CONFIGS.get((K, N, B, dense)) or default_config(K, N, B, dense=dense)
 
 
 def reference_partials(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int], dense: bool,
@@ -53,6 +59,8 @@ def _impl(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int],
     cfg = get_config(K, N, B, dense)
     if x.device.type == "cuda" and HAVE_TRITON:
         return launch_sparse_gemv(x, wt, t, list(widths), dense=dense, config=cfg, runner=runner)
+    if is_listed(cfg, B, dense):
+        return reference_gemv_list(*reference_compact(x, t, cfg.kr), wt, list(widths), cfg)
     return reference_partials(x, wt, t, list(widths), dense, cfg.kr)
 
 
@@ -73,7 +81,7 @@ else:  # pragma: no cover - exercised on installs without triton (CPU CI)
     @sparse_gemv.register_fake
     def _(x, wt, t, widths, dense):
         B, K = x.shape
-        S = math.ceil(K / get_config(K, wt.shape[1], B, dense).kr)
+        S = num_splits(K, wt.shape[1], B, get_config(K, wt.shape[1], B, dense), dense)
         return x.new_empty((S, B, wt.shape[1]), dtype=torch.float32)
 
 
@@ -86,3 +94,11 @@ def sparse_linear(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: li
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, wt.shape[1])
+
+
+def gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt: torch.Tensor, widths: list[int],
+              config: GemvConfig) -> torch.Tensor:
+    """Batch-1 sparse GEMV over survivor lists (Triton on CUDA, the PyTorch reference elsewhere)."""
+    if wt.is_cuda and HAVE_TRITON:
+        return launch_gemv_list(idx, xv, cnt, wt, list(widths), config)
+    return reference_gemv_list(idx, xv, cnt, wt, list(widths), config)

@@ -67,16 +67,19 @@ class GemvConfig:
     use_dot: bool = True    # tensor-core dot (batch padded to 16); False: FMA (batch 1 only)
     compact: bool = True    # compact surviving channels first (work shrinks with sparsity); False: masked loads
     prefetch: bool = False  # compact mode: load the next chunk's indices and rows before this chunk's product
+    listed: bool = False    # batch 1: read a precomputed list of surviving channels (segments of kr channels)
+    split: int = 1          # listed: programs per segment along K; partials S = ceil(K / kr) * split
 
 
 def _pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def default_config(K: int, N: int, B: int, n_sm: int = 132) -> GemvConfig:
+def default_config(K: int, N: int, B: int, n_sm: int = 132, dense: bool = False) -> GemvConfig:
     """Heuristic: about 3 programs per SM, 256-byte row segments, tensor-core dot (measured: the FMA path reached
-    only 2.3 TB/s dense on 14336x4096 on an H200, the dot path ~96% of cuBLAS end to end), masked mode with
-    Triton-pipelined static addresses (the benchmark's sweep measures compact mode against it per shape)."""
+    only 2.3 TB/s dense on 14336x4096 on an H200, the dot path ~96% of cuBLAS end to end). Batch 1 sparse: listed
+    mode (survivor lists compacted once per x); otherwise static addresses (masked rows for batch > 1). The
+    benchmark's sweep measures the alternatives per shape."""
     block_n = 128
     while block_n > 16 and N < block_n * 2:
         block_n //= 2
@@ -85,6 +88,9 @@ def default_config(K: int, N: int, B: int, n_sm: int = 132) -> GemvConfig:
     splits = max(1, min(64, math.ceil(want / tiles)))
     kr = max(128, _pow2_floor(math.ceil(K / splits)))
     kr = min(kr, 1 << (max(K, 16) - 1).bit_length())
+    if B == 1 and not dense:  # listed: segments of kr channels, one program per (column tile, segment)
+        return GemvConfig(block_n=block_n, kr=kr, block_k=64, chunk=min(kr, 1024), num_warps=4, num_stages=5,
+                          use_dot=True, compact=False, listed=True, split=1)
     return GemvConfig(block_n=block_n, kr=kr, block_k=64, chunk=min(kr, 1024), num_warps=4, num_stages=3,
                       use_dot=True, compact=False, prefetch=False)
 
@@ -93,6 +99,18 @@ def default_config(K: int, N: int, B: int, n_sm: int = 132) -> GemvConfig:
 # the kernel
 # ----------------------------------------------------------------------------------------------------------------
 if HAVE_TRITON:
+
+    @triton.jit
+    def _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+        """Projection p of column tile pid_n, its global columns and their mask. ALIGN (a power of two dividing
+        every width) is made visible to Triton's alignment analysis by `(v // ALIGN) * ALIGN` (exact here): without
+        it the weight loads compile to 2-byte scalar loads that the pipeliner refuses (checked in the PTX)."""
+        p = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32)
+        tile0 = tl.where(p == 0, 0, tl.where(p == 1, T1, T2))
+        col0 = tl.where(p == 0, 0, tl.where(p == 1, W0, W0 + W1)) // ALIGN * ALIGN
+        width = tl.where(p == 0, W0, tl.where(p == 1, W1, W2)) // ALIGN * ALIGN
+        lcols = (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return p, col0 + lcols, lcols < width
 
     @triton.jit
     def _tile_product(x_ptr, stride_xb, rows_b, bmask, tp, w_ptr, k, valid, cols, cmask, N, acc,
@@ -124,6 +142,7 @@ if HAVE_TRITON:
         W0, W1, W2,            # widths of the (up to 3) projections in the group; unused ones are 0
         T1, T2,                # first tile index of projection 1 and of projection 2
         N_TILES,
+        ALIGN: tl.constexpr,
         KR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
         BLOCK_B: tl.constexpr, DENSE: tl.constexpr, USE_DOT: tl.constexpr, COMPACT: tl.constexpr,
         PREFETCH: tl.constexpr,
@@ -131,13 +150,7 @@ if HAVE_TRITON:
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         # which projection this column tile belongs to, and its columns
-        p = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32)
-        tile0 = tl.where(p == 0, 0, tl.where(p == 1, T1, T2))
-        col0 = tl.where(p == 0, 0, tl.where(p == 1, W0, W0 + W1))
-        width = tl.where(p == 0, W0, tl.where(p == 1, W1, W2))
-        lcols = (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = lcols < width
-        cols = col0 + lcols
+        p, cols, cmask = _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N, ALIGN)
         tp = t_ptr + p * K
         k_lo = pid_s * KR
         k_hi = tl.minimum(k_lo + KR, K)
@@ -215,6 +228,71 @@ if HAVE_TRITON:
             tl.store(obase + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
+    # ------------------------------------------------------------------------------------------------------------
+    # listed mode (batch 1): the surviving channels are compacted once per input vector, by the kernel that
+    # produces x (add_rmsnorm, silu_mul: see decode_ops) or by `_compact_kernel`; the GEMV then only walks the list
+    # ------------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _store_list(y, keep, offs, seg, seg_ok, lbase, cbase, idx_ptr, xv_ptr, cnt_ptr, SEG: tl.constexpr):
+        """y, keep, offs [NS, SEG]: values, survival and channel index of NS segments (seg [NS] their numbers).
+        Writes each segment's survivors in channel order to idx/xv[lbase + seg*SEG + j] and counts to cnt[cbase+seg]."""
+        k32 = keep.to(tl.int32)
+        pos = tl.cumsum(k32, axis=1) - 1
+        dst = lbase + seg[:, None] * SEG + pos
+        tl.store(idx_ptr + dst, offs, mask=keep)
+        tl.store(xv_ptr + dst, y.to(tl.float32), mask=keep)
+        tl.store(cnt_ptr + cbase + seg, tl.sum(k32, axis=1), mask=seg_ok)
+
+    @triton.jit
+    def _compact_kernel(x_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NSEG, SEG: tl.constexpr):
+        """Program (p, s): segment s of x [1, K] against thresholds t[p] -> list p, segment s."""
+        p = tl.program_id(0)
+        s = tl.program_id(1)
+        seg = s + tl.arange(0, 1)
+        offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
+        inb = offs < K
+        x = tl.load(x_ptr + offs, mask=inb, other=0.0)
+        t = tl.load(t_ptr + p * K + offs, mask=inb, other=float("inf"))
+        keep = tl.abs(x.to(tl.float32)) > t
+        _store_list(x, keep, offs, seg, seg < NSEG, p * K, p * NSEG, idx_ptr, xv_ptr, cnt_ptr, SEG)
+
+    @triton.jit
+    def _gemv_list_kernel(
+        idx_ptr, xv_ptr, cnt_ptr, w_ptr, out_ptr,
+        K, N, NSEG, W0, W1, W2, T1, T2,
+        SEG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
+    ):
+        """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT. Its loop runs
+        ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity, and the index and
+        weight-row loads have no dependence on earlier iterations (Triton pipelines them, num_stages deep)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        p, cols, cmask = _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N, ALIGN)
+        seg = pid_s // SPLIT
+        part = pid_s % SPLIT
+        c = tl.load(cnt_ptr + p * NSEG + seg)
+        share = tl.cdiv(tl.cdiv(c, SPLIT), BLOCK_K) * BLOCK_K
+        lo = part * share
+        hi = tl.minimum(lo + share, c)
+        lbase = p * K + seg * SEG
+        jj = tl.arange(0, BLOCK_K)
+        first = (tl.arange(0, 16) == 0)[:, None]  # batch row 0 of the 16-row tensor-core tile; the rest are zeros
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for i in range(lo, hi, BLOCK_K):
+            j = i + jj
+            valid = j < hi
+            k = tl.load(idx_ptr + lbase + j, mask=valid, other=0)
+            xv = tl.load(xv_ptr + lbase + j, mask=valid, other=0.0)
+            w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
+            acc += tl.dot(tl.where(first, xv[None, :], 0.0).to(w.dtype), w)
+        tl.store(out_ptr + pid_s * N + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc, mask=first & cmask[None, :])
+
+
+def _align(widths: list[int]) -> int:
+    """Largest power of two <= 8 dividing every width (so every column offset): 8 bf16 = 16-byte vector loads."""
+    return math.gcd(8, *widths) if len(widths) > 0 else 1
+
+
 def _tiles(widths: list[int], block_n: int) -> list[int]:
     return [math.ceil(w / block_n) if w > 0 else 0 for w in widths]
 
@@ -228,7 +306,10 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
     N = wt.shape[1]
     assert wt.shape[0] == K and wt.stride(1) == 1 and wt.stride(0) == N, "wt must be a contiguous [K, N]"
     assert x.stride(1) == 1 and 1 <= B <= 16 and 1 <= len(widths) <= 3 and sum(widths) == N
-    cfg = config or default_config(K, N, B)
+    cfg = config or default_config(K, N, B, dense=dense)
+    if is_listed(cfg, B, dense):  # compact once (one small launch), then walk the list
+        idx, xv, cnt = launch_compact(x, t, cfg.kr)
+        return launch_gemv_list(idx, xv, cnt, wt, widths, cfg, out=out)
     use_dot = cfg.use_dot or B > 1
     block_b = 16 if use_dot else 1
     w = list(widths) + [0] * (3 - len(widths))
@@ -245,13 +326,97 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
     kernel = _sparse_gemv_kernel if runner is None else runner(_sparse_gemv_kernel)
     kernel[(n_tiles, splits)](
         x, wt, t, out, scratch, B, K, N, x.stride(0), w[0], w[1], w[2],
-        tiles[0], tiles[0] + tiles[1], n_tiles,
+        tiles[0], tiles[0] + tiles[1], n_tiles, ALIGN=_align(widths),
         KR=kr, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=chunk, BLOCK_B=block_b,
         DENSE=dense, USE_DOT=use_dot, COMPACT=cfg.compact, PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-def num_splits(K: int, N: int, B: int, config: GemvConfig | None = None) -> int:
-    cfg = config or default_config(K, N, B)
-    return math.ceil(K / cfg.kr)
+def is_listed(cfg: GemvConfig, B: int, dense: bool) -> bool:
+    return cfg.listed and B == 1 and not dense
+
+
+def num_splits(K: int, N: int, B: int, config: GemvConfig | None = None, dense: bool = False) -> int:
+    """S of the [S, B, N] partials a launch with this configuration returns."""
+    cfg = config or default_config(K, N, B, dense=dense)
+    return math.ceil(K / cfg.kr) * (cfg.split if is_listed(cfg, B, dense) else 1)
+
+
+def list_buffers(P: int, K: int, seg: int, device) -> tuple[torch.Tensor, ...]:
+    """Survivor lists of one input vector for P projections: idx [P, K] int32, xv [P, K] fp32 (the values, exact;
+    4-byte elements so Triton pipelines their loads), counts cnt [P, NSEG] int32; segment s of projection p holds
+    its survivors in channel order at [p, s*seg : s*seg + cnt[p, s]]."""
+    nseg = math.ceil(K / seg)
+    return (torch.empty((P, K), device=device, dtype=torch.int32),
+            torch.empty((P, K), device=device, dtype=torch.float32),
+            torch.empty((P, nseg), device=device, dtype=torch.int32))
+
+
+def reference_compact(x: torch.Tensor, t: torch.Tensor, seg: int,
+                      bufs: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """The lists `_compact_kernel` writes, in PyTorch (x [1, K]; survival |x| > t in fp32); unused slots zero."""
+    P, K = t.shape
+    idx, xv, cnt = bufs or list_buffers(P, K, seg, x.device)
+    idx.zero_()
+    xv.zero_()
+    keep = x.reshape(1, K).float().abs() > t.float()
+    for p in range(P):
+        for s in range(cnt.shape[1]):
+            k0 = s * seg
+            ks = k0 + torch.nonzero(keep[p, k0:k0 + seg]).flatten()
+            idx[p, k0:k0 + len(ks)] = ks.to(torch.int32)
+            xv[p, k0:k0 + len(ks)] = x.reshape(K)[ks].float()
+            cnt[p, s] = len(ks)
+    return idx, xv, cnt
+
+
+def reference_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt: torch.Tensor,
+                        widths: list[int], cfg: GemvConfig) -> torch.Tensor:
+    """What `_gemv_list_kernel` computes, in PyTorch: fp32 partials [NSEG * split, 1, N]."""
+    K, N = wt.shape
+    nseg, seg, split = cnt.shape[1], cfg.kr, cfg.split
+    out = torch.zeros((nseg * split, 1, N), device=wt.device, dtype=torch.float32)
+    c0 = 0
+    for p, w in enumerate(widths):
+        for s in range(nseg):
+            c = int(cnt[p, s])
+            share = -(-(-(-c // split)) // cfg.block_k) * cfg.block_k  # as the kernel: whole BLOCK_K chunks
+            for part in range(split):
+                lo, hi = part * share, min((part + 1) * share, c)
+                if hi <= lo:
+                    continue
+                ks = idx[p, s * seg + lo: s * seg + hi].long()
+                out[s * split + part, 0, c0:c0 + w] = xv[p, s * seg + lo: s * seg + hi].float() @ wt[ks, c0:c0 + w].float()
+        c0 += w
+    return out
+
+
+def launch_compact(x: torch.Tensor, t: torch.Tensor, seg: int,
+                   bufs: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """x [1, K] against t [P, K] -> (idx, xv, cnt) lists (see `list_buffers`); one program per (p, segment)."""
+    P, K = t.shape
+    assert x.shape == (1, K) and x.is_contiguous() and t.is_contiguous() and seg & (seg - 1) == 0
+    idx, xv, cnt = bufs or list_buffers(P, K, seg, x.device)
+    _compact_kernel[(P, cnt.shape[1])](x, t, idx, xv, cnt, K, cnt.shape[1], SEG=seg,
+                                      num_warps=4 if seg <= 1024 else 8)
+    return idx, xv, cnt
+
+
+def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt: torch.Tensor,
+                     widths: list[int], cfg: GemvConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch-1 sparse GEMV over survivor lists (segments of cfg.kr channels): fp32 partials [NSEG*split, 1, N]."""
+    K, N = wt.shape
+    assert wt.stride(1) == 1 and wt.stride(0) == N and 1 <= len(widths) <= 3 and sum(widths) == N
+    assert K * N < 2 ** 31 and idx.shape == (len(widths), K) and cnt.shape == (len(widths), math.ceil(K / cfg.kr))
+    w = list(widths) + [0] * (3 - len(widths))
+    tiles = _tiles(w, cfg.block_n)
+    S = cnt.shape[1] * cfg.split
+    if out is None:
+        out = torch.empty((S, 1, N), device=wt.device, dtype=torch.float32)
+    assert out.shape == (S, 1, N) and out.dtype == torch.float32 and out.is_contiguous()
+    _gemv_list_kernel[(sum(tiles), S)](
+        idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
+        SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
