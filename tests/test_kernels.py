@@ -40,6 +40,28 @@ def test_cpu_op_matches_float64(B, widths, sparsity):
     assert ((out.sum(0).double() - ref).norm() / ref.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("seg,split,block_k", [(64, 1, 16), (128, 3, 32), (1024, 2, 64), (256, 1, 64)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_cpu_listed_reference_matches_float64(seg, split, block_k, sparsity):
+    """Listed mode's semantics (survivor lists per segment, split-K walk) on CPU: lists, partial count, result."""
+    from wisparse.kernels.sparse_gemv import num_splits, reference_compact, reference_gemv_list
+
+    widths = [40, 24, 16]
+    x, wt, t = _case(700, widths, 1, sparsity, torch.float32, seed=seg + split)
+    cfg = GemvConfig(block_n=32, kr=seg, block_k=block_k, listed=True, split=split)
+    idx, xv, cnt = reference_compact(x, t, seg)
+    keep = x.abs() > t  # [P, K]
+    for p in range(len(widths)):
+        for s_ in range(cnt.shape[1]):
+            ks = torch.nonzero(keep[p, s_ * seg:(s_ + 1) * seg]).flatten() + s_ * seg
+            assert torch.equal(idx[p, s_ * seg: s_ * seg + len(ks)].long(), ks) and int(cnt[p, s_]) == len(ks)
+            assert torch.equal(xv[p, s_ * seg: s_ * seg + len(ks)], x[0, ks])
+    out = reference_gemv_list(idx, xv, cnt, wt, widths, cfg)
+    assert out.shape == (num_splits(700, 80, 1, cfg), 1, 80)
+    ref = _ref64(x, wt, t, widths)
+    assert ((out.sum(0).double() - ref).norm() / ref.norm()) < 1e-6
+
+
 def test_cpu_partials_layout_and_dense():
     x, wt, t = _case(300, [32, 32], 2, 0.5, torch.float32)
     kr = get_config(300, 64, 2).kr
@@ -125,8 +147,62 @@ INTERP = textwrap.dedent("""
          both(ops.decode_attention, torch.randn(B, H, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D),
               torch.tensor([39]), 0),
          both(ops.silu_mul, torch.randn(S, B, 100), 50, torch.float32)]
-    print("WORST", worst, max(e))
-    sys.exit(0 if worst < 1e-6 and max(e) < 1e-5 else 1)
+    # listed mode: compaction kernel (exact lists) and list GEMV (fp16 dot), every output slot poisoned first
+    from wisparse.kernels.sparse_gemv import launch_compact, reference_compact, num_splits, list_buffers
+
+    def same_lists(a, b, seg):  # equal counts, and equal indices and values in every segment's used slots
+        if not torch.equal(a[2], b[2]):
+            return False
+        for p in range(a[2].shape[0]):
+            for s_ in range(a[2].shape[1]):
+                lo, c = s_ * seg, int(a[2][p, s_])
+                if not (torch.equal(a[0][p, lo:lo + c], b[0][p, lo:lo + c])
+                        and torch.equal(a[1][p, lo:lo + c], b[1][p, lo:lo + c])):
+                    return False
+        return True
+
+    lists_ok = True
+    for (K, widths, seg, split, bn, bk, dt) in ((300, [64, 32, 32], 128, 1, 32, 16, torch.float16),
+                                                (512, [48], 64, 3, 16, 16, torch.float16),
+                                                (700, [48], 512, 2, 16, 64, torch.float16),
+                                                (1000, [40, 24], 256, 2, 32, 32, torch.float16),
+                                                (333, [16, 8, 8], 128, 1, 16, 16, torch.bfloat16)):
+        N = sum(widths)
+        x = torch.randn(1, K).to(dt)
+        wt = torch.randn(K, N).to(dt)
+        t = torch.rand(len(widths), K) * 1.5
+        lists_ok &= same_lists(launch_compact(x, t, seg), reference_compact(x, t, seg), seg)
+        if dt == torch.bfloat16:  # the interpreter has no bf16 dot
+            continue
+        cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split)
+        out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
+        launch_sparse_gemv(x, wt, t, widths, config=cfg, out=out)
+        ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
+        worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
+    # producers that also write the lists (add_rmsnorm: one row in segments of 32 over D = 100; silu_mul: blocks of
+    # 64 over I = 150): the lists are those of the kernel's own output; fp32 outputs equal the references'
+    for dt in (torch.float32, torch.bfloat16):
+        D, P, seg = 100, 3, 32
+        h, pp, w = torch.randn(1, D).to(dt), torch.randn(2, 1, D), torch.randn(D).to(dt)
+        t = (torch.rand(P, D) * 1.2).to(dt).float()
+        ops._use_triton = lambda _: True
+        bufs = list_buffers(P, D, seg, "cpu")
+        y = ops.add_rmsnorm(h.clone(), pp, w, 1e-5, lists=(t, seg, bufs))
+        lists_ok &= same_lists(bufs, reference_compact(y, t, seg), seg)
+        if dt == torch.float32:
+            e.append(both(ops.add_rmsnorm, h, pp, w, 1e-5))
+        I, seg = 150, 64
+        pp = torch.randn(2, 1, 2 * I)
+        t = (torch.rand(1, I) * 0.3).to(dt).float()
+        ops._use_triton = lambda _: True
+        bufs = list_buffers(1, I, seg, "cpu")
+        y = ops.silu_mul(pp, I, dt, lists=(t, seg, bufs))
+        lists_ok &= same_lists(bufs, reference_compact(y, t, seg), seg) and 0 < int(bufs[2].sum()) < I
+        if dt == torch.float32:
+            e.append(both(ops.silu_mul, pp, I, dt))
+    ops._use_triton = use
+    print("WORST", worst, max(e), "lists identical", lists_ok)
+    sys.exit(0 if worst < 1e-6 and max(e) < 1e-5 and lists_ok else 1)
 """)
 
 
@@ -144,14 +220,17 @@ def test_triton_interpreter():
 GPU_CONFIGS = [None, GemvConfig(block_n=64, kr=256, block_k=32, compact=True),
                GemvConfig(block_n=128, kr=1024, block_k=64, compact=True, prefetch=True, num_stages=1),
                GemvConfig(block_n=128, kr=512, block_k=64, compact=False, num_stages=3),
-               GemvConfig(block_n=128, kr=512, block_k=32, use_dot=False, compact=True)]
+               GemvConfig(block_n=128, kr=512, block_k=32, use_dot=False, compact=True),
+               GemvConfig(block_n=128, kr=1024, block_k=64, num_stages=5, listed=True),
+               GemvConfig(block_n=128, kr=4096, block_k=64, num_stages=8, listed=True, split=2),
+               GemvConfig(block_n=256, kr=512, block_k=32, num_warps=8, num_stages=8, listed=True, split=3)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 3, 8])
 def test_gpu_kernel_random_shapes(dtype, B):
-    from wisparse.kernels.sparse_gemv import launch_sparse_gemv
+    from wisparse.kernels.sparse_gemv import launch_sparse_gemv, num_splits
 
     rng = torch.Generator().manual_seed(B)
     for c in range(10):
@@ -162,7 +241,8 @@ def test_gpu_kernel_random_shapes(dtype, B):
         x, wt, t = _case(K, widths, B, sp, dtype, device="cuda", seed=c)
         for dense in (False, True):
             cfg_ = cfg or get_config(K, sum(widths), B, dense)
-            out = torch.full((math.ceil(K / cfg_.kr), B, sum(widths)), float("nan"), device="cuda")
+            out = torch.full((num_splits(K, sum(widths), B, cfg_, dense), B, sum(widths)), float("nan"),
+                             device="cuda")
             launch_sparse_gemv(x, wt, t, widths, dense=dense, config=cfg_, out=out)
             ref = _ref64(x, wt, t, widths, dense=dense)
             assert not torch.isnan(out).any()
@@ -198,7 +278,7 @@ def test_gpu_decode_ops_match_reference():
             r2 = fn(*[v.clone() if torch.is_tensor(v) else v for v in a])
             return ((r1.float() - r2.float()).norm() / r2.float().norm()).item()
 
-        cu = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+        cu = lambda *s: torch.randn(*s, device="cuda")
         assert both(ops.add_rmsnorm, cu(B, 4096).to(dt), cu(S, B, 4096), cu(4096).to(dt), 1e-5) < 1e-2
         assert both(ops.qkv_rope_cache, cu(S, B, (H + 2 * Hkv) * D), cu((H + 2 * Hkv) * D).to(dt), cu(L, D), cu(L, D),
                     torch.tensor([300], device="cuda"), cu(B, Hkv, L, D).to(dt), cu(B, Hkv, L, D).to(dt), H, Hkv) < 1e-2
@@ -206,5 +286,27 @@ def test_gpu_decode_ops_match_reference():
             assert both(ops.decode_attention, cu(B, H, D).to(dt), cu(B, Hkv, L, D).to(dt), cu(B, Hkv, L, D).to(dt),
                         torch.tensor([pos], device="cuda"), win) < 1e-2
         assert both(ops.silu_mul, cu(S, B, 2 * 14336), 14336, dt) < 1e-2
+        # batch 1 with survivor lists written by the producers (engine shapes): lists equal the kernel output's
+        from wisparse.kernels.sparse_gemv import list_buffers, reference_compact
+
+        ops._use_triton = use
+        for D, P, seg in ((4096, 3, 256), (3584, 2, 1024), (4096, 1, 4096)):
+            t = (torch.rand(P, D, device="cuda") * 1.2).to(dt).float()
+            bufs = list_buffers(P, D, seg, "cuda")
+            h = cu(1, D).to(dt)
+            y = ops.add_rmsnorm(h.clone(), cu(S, 1, D), cu(D).to(dt), 1e-5, lists=(t, seg, bufs))
+            want = reference_compact(y, t, seg)
+            assert torch.equal(bufs[2], want[2])
+            for a, b in zip(bufs[:2], want[:2]):  # used slots only
+                used = torch.arange(D, device="cuda")[None] % seg < bufs[2].repeat_interleave(seg, 1)[:, :D]
+                assert torch.equal(a[used], b[used])
+        for I, seg in ((14336, 1024), (18944, 2048)):
+            t = (torch.rand(1, I, device="cuda") * 0.3).to(dt).float()
+            bufs = list_buffers(1, I, seg, "cuda")
+            y = ops.silu_mul(cu(2, 1, 2 * I), I, dt, lists=(t, seg, bufs))
+            want = reference_compact(y, t, seg)
+            used = torch.arange(I, device="cuda")[None] % seg < bufs[2].repeat_interleave(seg, 1)[:, :I]
+            assert torch.equal(bufs[2], want[2]) and torch.equal(bufs[0][used], want[0][used])
+            assert torch.equal(bufs[1][used], want[1][used])
     finally:
         ops._use_triton = use

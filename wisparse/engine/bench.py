@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import ops as kops
-from ..kernels.sparse_gemv import GemvConfig, default_config, launch_sparse_gemv
+from ..kernels.sparse_gemv import (GemvConfig, default_config, is_listed, launch_compact, launch_gemv_list,
+                                   launch_sparse_gemv, num_splits)
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
@@ -95,13 +96,16 @@ def _weights(K: int, N: int, dtype, transposed: bool = True) -> list[torch.Tenso
     return _WCACHE[key]
 
 
-# (block_n, kr, block_k, num_warps, num_stages, use_dot, compact, prefetch)
-SWEEP_SPARSE = [
-    (128, 1024, 64, 4, 3, True, False, False), (128, 512, 64, 4, 3, True, False, False),
-    (64, 512, 64, 4, 4, True, False, False), (128, 1024, 128, 8, 3, True, False, False),
-    (128, 512, 64, 4, 2, True, True, False), (128, 1024, 64, 4, 1, True, True, True),
-    (128, 2048, 64, 4, 2, True, True, False),
+# (block_n, kr, block_k, num_warps, num_stages, use_dot, compact, prefetch[, listed, split])
+# Batch 1 sparse: the two best of run 2 (compact 38 us, masked 53 us at 50% on 4096x14336) against listed mode
+# (survivor lists from the producer kernel; kr = list segment). Listed candidates whose grid is far from ~3 programs
+# per SM, or whose partial count S would make the consumer's sum slow, are skipped per shape (`_fits`).
+SWEEP_LIST = [
+    (128, 1024, 64, 4, 5, True, False, False, True, 1), (128, 2048, 64, 4, 5, True, False, False, True, 1),
+    (128, 512, 64, 4, 5, True, False, False, True, 1), (128, 4096, 64, 4, 8, True, False, False, True, 2),
+    (256, 1024, 64, 8, 5, True, False, False, True, 1), (128, 1024, 32, 4, 8, True, False, False, True, 1),
 ]
+SWEEP_SPARSE = [(128, 512, 64, 4, 3, True, False, False), (128, 512, 64, 4, 2, True, True, False)] + SWEEP_LIST
 SWEEP_DENSE = [
     (128, 1024, 64, 4, 3, True, False, False), (128, 512, 64, 4, 3, True, False, False),
     (64, 512, 64, 4, 4, True, False, False), (256, 1024, 64, 8, 3, True, False, False),
@@ -115,9 +119,27 @@ SWEEP = SWEEP_SPARSE + SWEEP_DENSE + SWEEP_BATCH
 
 
 def _cfg(t) -> GemvConfig:
-    bn, kr, bk, nw, ns, dot, compact, prefetch = t
+    bn, kr, bk, nw, ns, dot, compact, prefetch = t[:8]
+    listed, split = (t[8], t[9]) if len(t) > 8 else (False, 1)
     return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=dot,
-                      compact=compact, prefetch=prefetch)
+                      compact=compact, prefetch=prefetch, listed=listed, split=split)
+
+
+def _mode(t) -> str:
+    """Short tag of a sweep tuple: M masked, C compact, CP compact+prefetch, L listed (split s: Ls)."""
+    if len(t) > 8 and t[8]:
+        return "L" + (str(t[9]) if t[9] > 1 else "")
+    return ("C" if t[6] else "M") + ("P" if t[7] else "")
+
+
+def _fits(K: int, N: int, t) -> bool:
+    """Listed candidates: segment <= K rounded up to a power of two, 128..1536 programs, at most 32 partials."""
+    cfg = _cfg(t)
+    if not cfg.listed:
+        return True
+    S = math.ceil(K / cfg.kr) * cfg.split
+    programs = math.ceil(N / cfg.block_n) * S
+    return cfg.kr <= 1 << (K - 1).bit_length() and 128 <= programs <= 1536 and S <= 32
 
 
 def check_kernel(n_cases: int = 16, seed: int = 0, log=print) -> dict:
@@ -139,7 +161,7 @@ def check_kernel(n_cases: int = 16, seed: int = 0, log=print) -> dict:
         wt = (torch.randn(K, N, device="cuda", generator=gen) * 0.05).to(dtype)
         xs, t = _inputs(K, B, P, sp, 1, dtype, gen)
         x = xs[0]
-        S = math.ceil(K / cfg.kr)
+        S = num_splits(K, N, B, cfg, dense)
         out = torch.full((S, B, N), float("nan"), device="cuda")
         launch_sparse_gemv(x, wt, t, widths, dense=dense, config=cfg, out=out)
         torch.cuda.synchronize()
@@ -161,15 +183,22 @@ def check_kernel(n_cases: int = 16, seed: int = 0, log=print) -> dict:
 
 
 def time_kernel(K: int, widths: list[int], B: int, sparsity: float, cfg: GemvConfig | None, dense: bool = False,
-                dtype=torch.bfloat16, seed: int = 0) -> dict:
-    """Median time of one sparse GEMV inside a CUDA graph (inputs rotated, weights rotated past the L2)."""
+                dtype=torch.bfloat16, seed: int = 0, prelisted: bool = False) -> dict:
+    """Median time of one sparse GEMV inside a CUDA graph (inputs rotated, weights rotated past the L2).
+    prelisted (listed configurations): the survivor lists are computed before the graph and only the list GEMV is
+    timed, as in the decode step where add_rmsnorm / silu_mul write them; else the compaction launch is included."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     N = sum(widths)
     wts = _weights(K, N, dtype)
     nw = len(wts)
     xs, t = _inputs(K, B, len(widths), 0.0 if dense else sparsity, 8, dtype, gen)
     cfg = cfg or default_config(K, N, B, dense=dense)
-    tm = _graph_time(lambda i: launch_sparse_gemv(xs[i % len(xs)], wts[i % nw], t, widths, dense=dense, config=cfg))
+    if prelisted and is_listed(cfg, B, dense):
+        lists = [launch_compact(x, t, cfg.kr) for x in xs]
+        tm = _graph_time(lambda i: launch_gemv_list(*lists[i % len(xs)], wts[i % nw], widths, cfg))
+    else:
+        tm = _graph_time(lambda i: launch_sparse_gemv(xs[i % len(xs)], wts[i % nw], t, widths, dense=dense,
+                                                      config=cfg))
     # bytes actually read: surviving rows (union over the batch) of each projection + x + thresholds + partials
     rows = 0
     for x in xs:
@@ -179,7 +208,7 @@ def time_kernel(K: int, widths: list[int], B: int, sparsity: float, cfg: GemvCon
             rows += int(keep.sum()) * w
             c0 += w
     rows /= len(xs)
-    S = math.ceil(K / cfg.kr)
+    S = num_splits(K, N, B, cfg, dense)
     nbytes = rows * 2 + B * K * 2 + len(widths) * K * 4 + S * B * N * 4
     realised = 1 - rows / (K * N)
     return {"us": tm * 1e6, "bytes_read": nbytes, "tbps": nbytes / tm / 1e12, "realised": realised}
@@ -195,26 +224,32 @@ def time_linear(K: int, N: int, B: int, dtype=torch.bfloat16, seed: int = 0) -> 
     return {"us": tm * 1e6, "tbps": (wbytes + B * K * 2 + B * N * 2) / tm / 1e12}
 
 
-def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print) -> dict:
-    """Best config per (shape, batch, dense): batch 1 sparse at 50% (masked vs compact modes), batch 1 dense, batch 8
-    sparse at 50% (also used dense for batches 2-8). lm_head shapes (one projection over 30k wide): dense only."""
+def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print, fused: set[str] = frozenset()) -> dict:
+    """Best config per (shape, batch, dense): batch 1 sparse at 50% (masked, compact and listed modes), batch 1
+    dense, batch 8 sparse at 50% (also used dense for batches 2-8). lm_head shapes (one projection over 30k wide):
+    dense only. Listed candidates of shapes in `fused` (inputs made by add_rmsnorm / silu_mul, which write the lists)
+    are timed without the compaction launch; others (the o projection) with it."""
     best = {}
     for name, (K, widths) in shapes.items():
         head = len(widths) == 1 and widths[0] >= 30000
+        N = sum(widths)
         for B, dense, cands in ((1, False, SWEEP_SPARSE), (1, True, SWEEP_DENSE), (8, False, SWEEP_BATCH)):
             if head and not (dense and B == 1):
                 continue
             res = []
             for c in cands:
+                if B == 1 and not _fits(K, N, c):
+                    continue
                 try:
-                    r = time_kernel(K, widths, B, 0.5, _cfg(c), dense=dense)
+                    r = time_kernel(K, widths, B, 0.5, _cfg(c), dense=dense, prelisted=name in fused)
                     res.append((r["us"], c))
                 except Exception as e:  # a config that does not compile / fit
                     log(f"  config {c} failed: {type(e).__name__}: {str(e)[:120]}")
             res.sort()
             us, c = res[0]
             log(f"sweep {name} B={B} dense={dense}: best {c} {us:.1f} us; "
-                + ", ".join(f"{r[1][:3]}{'C' if r[1][6] else 'M'}{'P' if r[1][7] else ''}={r[0]:.1f}" for r in res))
+                + ", ".join(f"{r[1][:3]}{_mode(r[1])}{'/' + str(r[1][4]) if _mode(r[1])[0] == 'L' else ''}"
+                            f"={r[0]:.1f}" for r in res))
             entry = {"config": list(c), "us": us, "all": [[list(r[1]), r[0]] for r in res]}
             best[f"{name}|{B}|{int(dense)}"] = entry
             if B == 8:
@@ -354,11 +389,15 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
     log(f"GPU {res['env']['gpu']}, copy bandwidth {res['copy_tbps']:.2f} TB/s (read+write)")
     section("kernel_check", lambda: res.__setitem__("kernel_check", check_kernel(log=log)))
 
-    sweep_shapes = {}
+    sweep_shapes, fused = {}, set()
     for m in tuple(models[:1]) + tuple(sweep_models or ()):  # other models' shapes use the heuristic
         for g, v in _shape_dims(m).items():
-            sweep_shapes[f"{v[0]}x{sum(v[1])}x{len(v[1])}"] = v
+            key = f"{v[0]}x{sum(v[1])}x{len(v[1])}"
+            sweep_shapes[key] = v
+            if g in ("qkv", "gu", "down"):  # the engine's add_rmsnorm / silu_mul write these inputs' lists
+                fused.add(key)
     sweep_shapes["4096x14336x1"] = (4096, [14336])
+    fused.add("4096x14336x1")
 
     def configs():
         if configs_path:
@@ -366,7 +405,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
                 best = json.load(f)
             best = best.get("configs", best)  # a results JSON from an earlier run, or a bare configs dict
         elif sweep:
-            best = sweep_configs(sweep_shapes, log=log)
+            best = sweep_configs(sweep_shapes, log=log, fused=fused)
         else:
             best = {}
         best = {k: v for k, v in best.items() if k.split("|")[0] in sweep_shapes}
@@ -407,14 +446,21 @@ def _kernel_table(res, log) -> None:
                        else (None, 0.0, 0.5, 0.9)):
                 dense = sp is None
                 cfg = kops.get_config(K, N, B, dense)
-                r = time_kernel(K, widths, B, sp or 0.0, cfg, dense=dense)
-                row = {"matrix": label, "B": B, "path": "triton dense" if dense else "triton sparse",
-                       "sparsity": 0.0 if dense else sp, **r, "copy_fraction": r["tbps"] / res["copy_tbps"],
-                       "vs_linear": lin["us"] / r["us"], "config": asdict(cfg)}
-                res["kernels"].append(row)
-                log(f"kernel {label[:10]} B={B} {row['path']:13s} sp={row['sparsity']:.2f} "
-                    f"(realised {r['realised']:.3f}): {r['us']:7.1f} us {r['tbps']:.2f} TB/s "
-                    f"({row['copy_fraction']:.0%} of copy), F.linear {lin['us']:.1f} us")
+                # listed: the GEMV alone (lists written by the producer kernel, as in the decode step), and at 0.5
+                # also with the stand-alone compaction launch (what a caller without a fused producer pays)
+                variants = [("triton dense" if dense else "triton sparse", False)]
+                if is_listed(cfg, B, dense):
+                    variants = [("triton sparse (lists)", True)] + ([("triton sparse + compact", False)]
+                                                                    if sp in (0.0, 0.5, 0.9) else [])
+                for path, pre in variants:
+                    r = time_kernel(K, widths, B, sp or 0.0, cfg, dense=dense, prelisted=pre)
+                    row = {"matrix": label, "B": B, "path": path, "sparsity": 0.0 if dense else sp, **r,
+                           "copy_fraction": r["tbps"] / res["copy_tbps"], "vs_linear": lin["us"] / r["us"],
+                           "config": asdict(cfg)}
+                    res["kernels"].append(row)
+                    log(f"kernel {label[:10]} B={B} {row['path']:23s} sp={row['sparsity']:.2f} "
+                        f"(realised {r['realised']:.3f}): {r['us']:7.1f} us {r['tbps']:.2f} TB/s "
+                        f"({row['copy_fraction']:.0%} of copy), F.linear {lin['us']:.1f} us")
 
 
 def _file_decode_rows(res: dict, rows: list[dict], dense_best: dict) -> None:
@@ -529,7 +575,7 @@ def markdown(res: dict) -> str:
     if res.get("errors"):
         L += ["", "## Errors / skipped sections", ""] + [f"- {x['section']}: {x['error']}" for x in res["errors"]]
     L += ["", "## Launch configurations chosen by the sweep (block_n, kr, block_k, warps, stages, dot, compact, "
-          "prefetch); key = K x N x projections | batch | dense", ""]
+          "prefetch[, listed, split]); key = K x N x projections | batch | dense", ""]
     for k, v in res.get("configs", {}).items():
         L.append(f"- {k}: {v['config']} ({v['us']:.1f} us)")
     return "\n".join(L) + "\n"

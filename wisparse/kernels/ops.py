@@ -19,8 +19,17 @@ import math
 
 import torch
 
-from .sparse_gemv import (HAVE_TRITON, GemvConfig, default_config, is_listed, launch_gemv_list, launch_sparse_gemv,
-                          num_splits, reference_compact, reference_gemv_list)
+from .sparse_gemv import (
+    HAVE_TRITON,
+    GemvConfig,
+    default_config,
+    is_listed,
+    launch_gemv_list,
+    launch_sparse_gemv,
+    num_splits,
+    reference_compact,
+    reference_gemv_list,
+)
 
 # Tuned launch configurations by (K, N, B); filled by `set_config` (the benchmark's sweep) or left to the heuristic.
 _CONFIGS: dict[tuple[int, int, int, bool], GemvConfig] = {}

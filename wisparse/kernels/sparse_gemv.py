@@ -88,7 +88,8 @@ def default_config(K: int, N: int, B: int, n_sm: int = 132, dense: bool = False)
     splits = max(1, min(64, math.ceil(want / tiles)))
     kr = max(128, _pow2_floor(math.ceil(K / splits)))
     kr = min(kr, 1 << (max(K, 16) - 1).bit_length())
-    if B == 1 and not dense:  # listed: segments of kr channels, one program per (column tile, segment)
+    if B == 1 and not dense:  # listed: segments of kr channels, one program per (column tile, segment); >= 512
+        kr = max(kr, min(512, 1 << (max(K, 16) - 1).bit_length()))  # so the consumer sums <= ~8-16 partials
         return GemvConfig(block_n=block_n, kr=kr, block_k=64, chunk=min(kr, 1024), num_warps=4, num_stages=5,
                           use_dot=True, compact=False, listed=True, split=1)
     return GemvConfig(block_n=block_n, kr=kr, block_k=64, chunk=min(kr, 1024), num_warps=4, num_stages=3,
@@ -374,14 +375,14 @@ def reference_compact(x: torch.Tensor, t: torch.Tensor, seg: int,
 def reference_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt: torch.Tensor,
                         widths: list[int], cfg: GemvConfig) -> torch.Tensor:
     """What `_gemv_list_kernel` computes, in PyTorch: fp32 partials [NSEG * split, 1, N]."""
-    K, N = wt.shape
+    N = wt.shape[1]
     nseg, seg, split = cnt.shape[1], cfg.kr, cfg.split
     out = torch.zeros((nseg * split, 1, N), device=wt.device, dtype=torch.float32)
     c0 = 0
     for p, w in enumerate(widths):
         for s in range(nseg):
             c = int(cnt[p, s])
-            share = -(-(-(-c // split)) // cfg.block_k) * cfg.block_k  # as the kernel: whole BLOCK_K chunks
+            share = math.ceil(math.ceil(c / split) / cfg.block_k) * cfg.block_k  # as the kernel: whole chunks
             for part in range(split):
                 lo, hi = part * share, min((part + 1) * share, c)
                 if hi <= lo:

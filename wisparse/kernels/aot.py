@@ -1,0 +1,136 @@
+"""Compile the Triton kernels ahead of time for an H100/H200 (sm_90) on a machine without a GPU.
+
+    python -m wisparse.kernels.aot            # every configuration the benchmark sweeps, and the decode kernels
+
+For each compiled variant it prints registers per thread, spills (local memory / stack bytes), shared memory, and
+how the weight loads were compiled: `cp.async` (Triton's software pipeline: loads of later iterations in flight
+while this one computes) or plain `ld.global` (and how many of those are 2-byte scalar loads, which is what
+unaligned column offsets produce). It uses the triton wheel's own ptxas / cuobjdump, so no CUDA install is needed.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import decode_ops as dops
+from . import sparse_gemv as sg
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int, num_stages: int,
+                 divisible: tuple[str, ...] = ()) -> dict:
+    """Compile `kernel` for sm_90; arguments not in `pointers` / `constexprs` are i32 (those in `divisible`
+    marked divisible by 16, as Triton's launcher specialises them). Returns resource use and load kinds."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    sig = {n: pointers.get(n, "constexpr" if n in constexprs else ("fp32" if n == "eps" else "i32")) for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in divisible}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                    attrs=attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
+                                                                           num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"])
+        f.flush()
+        res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    use = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", res))
+    ptx = c.asm["ptx"]
+    return {"regs": int(use.get("REG", -1)), "stack": int(use.get("STACK", -1)), "local": int(use.get("LOCAL", -1)),
+            "smem": c.metadata.shared, "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+            "ld_global": len(re.findall(r"ld\.global", ptx)), "ld_b16": len(re.findall(r"ld\.global[.a-z]*\.b16", ptx))}
+
+
+def _list_variants():
+    """(label, kernel, pointers, constexprs, warps, stages) of every listed-mode configuration the sweep runs."""
+    from ..engine.bench import SWEEP_LIST
+
+    ptr = {"idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32"}
+    seen = set()
+    for c in SWEEP_LIST:
+        cfg = _cfg(c)
+        key = (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split > 1)
+        if key in seen:
+            continue
+        seen.add(key)
+        yield (f"gemv_list bn={cfg.block_n} bk={cfg.block_k} w={cfg.num_warps} st={cfg.num_stages} split={cfg.split}",
+               sg._gemv_list_kernel, ptr,
+               dict(SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=8),
+               cfg.num_warps, cfg.num_stages)
+
+
+def _cfg(c):
+    from ..engine.bench import _cfg as bench_cfg
+
+    return bench_cfg(c)
+
+
+def _old_variants():
+    from ..engine.bench import SWEEP_BATCH, SWEEP_DENSE, SWEEP_SPARSE
+
+    ptr = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*i32"}
+    seen = set()
+    for group, dense, bb in ((SWEEP_SPARSE, False, 16), (SWEEP_DENSE, True, 16), (SWEEP_BATCH, False, 16)):
+        for c in group:
+            cfg = _cfg(c)
+            if cfg.listed:
+                continue
+            key = (cfg, dense)
+            if key in seen:
+                continue
+            seen.add(key)
+            mode = "dense" if dense else ("compact" + ("+prefetch" if cfg.prefetch else "") if cfg.compact
+                                          else "masked")
+            label = f"gemv {mode} bn={cfg.block_n} kr={cfg.kr} bk={cfg.block_k} w={cfg.num_warps} st={cfg.num_stages}"
+            yield (label, sg._sparse_gemv_kernel, ptr,
+                   dict(ALIGN=8, KR=cfg.kr, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=min(cfg.kr, cfg.chunk),
+                        BLOCK_B=bb, DENSE=dense, USE_DOT=True, COMPACT=cfg.compact, PREFETCH=cfg.prefetch),
+                   cfg.num_warps, cfg.num_stages)
+
+
+def _decode_variants():
+    lst = {"t_ptr": "*fp32", "idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32"}
+    for D in (4096, 3584):
+        for seg in (256, 512, 1024, 2048, 4096):
+            for P, S in ((0, 28), (3, 14), (2, 8)):
+                if P == 0 and seg != 4096:
+                    continue
+                ns = dops._np2(-(-D // seg))
+                yield (f"add_rmsnorm D={D} seg={seg} lists={P} partials={S}", dops._add_rmsnorm_kernel,
+                       {"h_ptr": "*bf16", "p_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", **lst},
+                       dict(S=S, HAS_P=True, NS=ns, SEG=seg, P_LIST=P), 16, 1)
+    for block, lists in ((1024, False), (512, True), (1024, True), (2048, True)):
+        for S in (2, 4):
+            yield (f"silu_mul block={block} list={lists} partials={S}", dops._silu_mul_kernel,
+                   {"p_ptr": "*fp32", "out_ptr": "*bf16", **lst}, dict(S=S, BLOCK=block, LIST=lists),
+                   4 if block <= 1024 else 8, 1)
+    for seg in (128, 256, 512, 1024, 2048):
+        yield (f"compact seg={seg}", sg._compact_kernel, {"x_ptr": "*bf16", **lst}, dict(SEG=seg),
+               4 if seg <= 1024 else 8, 1)
+
+
+def main() -> list[dict]:
+    rows = []
+    for label, kern, ptr, const, nw, ns in (*_list_variants(), *_old_variants(), *_decode_variants()):
+        try:
+            r = compile_sm90(kern, ptr, const, nw, ns, divisible=("K", "N", "D", "W0", "W1", "stride_xb"))
+            line = (f"{label:62s} regs {r['regs']:3d}  spill(local {r['local']}, stack {r['stack']})  "
+                    f"smem {r['smem']:6d}  cp.async {r['cp_async']:3d}  ld.global {r['ld_global']:3d} "
+                    f"(2-byte {r['ld_b16']})")
+        except Exception as e:  # report and go on
+            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            line = f"{label:62s} FAILED {r['error']}"
+        print(line, flush=True)
+        rows.append({"label": label, **r})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
