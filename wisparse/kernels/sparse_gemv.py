@@ -309,8 +309,8 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
     assert x.stride(1) == 1 and 1 <= B <= 16 and 1 <= len(widths) <= 3 and sum(widths) == N
     cfg = config or default_config(K, N, B, dense=dense)
     if is_listed(cfg, B, dense):  # compact once (one small launch), then walk the list
-        idx, xv, cnt = launch_compact(x, t, cfg.kr)
-        return launch_gemv_list(idx, xv, cnt, wt, widths, cfg, out=out)
+        idx, xv, cnt = launch_compact(x, t, cfg.kr, runner=runner)
+        return launch_gemv_list(idx, xv, cnt, wt, widths, cfg, out=out, runner=runner)
     use_dot = cfg.use_dot or B > 1
     block_b = 16 if use_dot else 1
     w = list(widths) + [0] * (3 - len(widths))
@@ -393,19 +393,19 @@ def reference_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, 
     return out
 
 
-def launch_compact(x: torch.Tensor, t: torch.Tensor, seg: int,
-                   bufs: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+def launch_compact(x: torch.Tensor, t: torch.Tensor, seg: int, bufs: tuple[torch.Tensor, ...] | None = None,
+                   runner=None) -> tuple[torch.Tensor, ...]:
     """x [1, K] against t [P, K] -> (idx, xv, cnt) lists (see `list_buffers`); one program per (p, segment)."""
     P, K = t.shape
     assert x.shape == (1, K) and x.is_contiguous() and t.is_contiguous() and seg & (seg - 1) == 0
     idx, xv, cnt = bufs or list_buffers(P, K, seg, x.device)
-    _compact_kernel[(P, cnt.shape[1])](x, t, idx, xv, cnt, K, cnt.shape[1], SEG=seg,
-                                      num_warps=4 if seg <= 1024 else 8)
+    kernel = _compact_kernel if runner is None else runner(_compact_kernel)
+    kernel[(P, cnt.shape[1])](x, t, idx, xv, cnt, K, cnt.shape[1], SEG=seg, num_warps=4 if seg <= 1024 else 8)
     return idx, xv, cnt
 
 
 def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt: torch.Tensor,
-                     widths: list[int], cfg: GemvConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+                     widths: list[int], cfg: GemvConfig, out: torch.Tensor | None = None, runner=None) -> torch.Tensor:
     """Batch-1 sparse GEMV over survivor lists (segments of cfg.kr channels): fp32 partials [NSEG*split, 1, N]."""
     K, N = wt.shape
     assert wt.stride(1) == 1 and wt.stride(0) == N and 1 <= len(widths) <= 3 and sum(widths) == N
@@ -416,7 +416,8 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
     if out is None:
         out = torch.empty((S, 1, N), device=wt.device, dtype=torch.float32)
     assert out.shape == (S, 1, N) and out.dtype == torch.float32 and out.is_contiguous()
-    _gemv_list_kernel[(sum(tiles), S)](
+    kernel = _gemv_list_kernel if runner is None else runner(_gemv_list_kernel)
+    kernel[(sum(tiles), S)](
         idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
         SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
