@@ -415,6 +415,8 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
     section("configs", configs)
     res["kernels"] = []
     section("kernel_table", _kernel_table, res, log)
+    if models:
+        section("step_breakdown", _step_breakdown, res, models[0], log)
     # batch 1: every level for the first model, 50% for the others; then the first model's other batch sizes (50%)
     # and context lengths
     plan = [(mi, name, (1,), levels if mi == 0 else (tuple(lv for lv in levels if lv == 0.5) or levels[:1]),
@@ -461,6 +463,62 @@ def _kernel_table(res, log) -> None:
                     log(f"kernel {label[:10]} B={B} {row['path']:23s} sp={row['sparsity']:.2f} "
                         f"(realised {r['realised']:.3f}): {r['us']:7.1f} us {r['tbps']:.2f} TB/s "
                         f"({row['copy_fraction']:.0%} of copy), F.linear {lin['us']:.1f} us")
+
+
+def _step_breakdown(res, name: str, log) -> None:
+    """The decode step's small kernels at batch 1, each timed alone inside a CUDA graph, with the launch
+    configurations the sweep installed (partial counts S, list segments) and ~50% survivors: where the non-GEMV
+    time of a token goes (run 2: ~0.71 ms per token, ~22 us per layer, outside the GEMVs)."""
+    from ..kernels import decode_ops as dops
+    from ..kernels.sparse_gemv import list_buffers
+    from .shapes import hf_config
+
+    c = hf_config(name)
+    D, H, Hkv, I = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+    Dh = getattr(c, "head_dim", None) or D // H
+    dims = _shape_dims(name)
+    cfgs = {g: kops.get_config(K, sum(w), 1, False) for g, (K, w) in dims.items() if g != "lm_head"}
+    S = {g: num_splits(dims[g][0], sum(dims[g][1]), 1, cfgs[g]) for g in cfgs}
+    dt, dev = torch.bfloat16, "cuda"
+    z = 0.6745  # |N(0, 1)| median: thresholds that keep about half of the channels
+
+    def lists(g, K):
+        P = len(dims[g][1])
+        return (torch.full((P, K), z, device=dev), cfgs[g].kr, list_buffers(P, K, cfgs[g].kr, dev))
+
+    L, pos = 448, torch.tensor([383], device=dev)
+    kc = torch.randn(1, Hkv, L, Dh, device=dev, dtype=dt)
+    vc = torch.randn_like(kc)
+    cos, sin = torch.randn(L, Dh, device=dev), torch.randn(L, Dh, device=dev)
+    h = torch.randn(1, D, device=dev, dtype=dt)
+    w = torch.ones(D, device=dev, dtype=dt)
+    p_o = torch.randn(S["o"], 1, D, device=dev)
+    p_down = torch.randn(S["down"], 1, D, device=dev)
+    p_qkv = torch.randn(S["qkv"], 1, (H + 2 * Hkv) * Dh, device=dev)
+    p_gu = torch.randn(S["gu"], 1, 2 * I, device=dev)
+    q = torch.randn(1, H, Dh, device=dev, dtype=dt)
+    a = torch.randn(1, H * Dh, device=dev, dtype=dt)
+    lq, lg, ld = (lists("qkv", D) if cfgs["qkv"].listed else None, lists("gu", D) if cfgs["gu"].listed else None,
+                  lists("down", I) if cfgs["down"].listed else None)
+    t_o = torch.full((1, H * Dh), z, device=dev)
+    items = [
+        ("add_rmsnorm (sum o partials, + gate/up lists)", lambda i: dops.add_rmsnorm(h, p_o, w, 1e-5, lists=lg)),
+        ("add_rmsnorm (sum down partials, + qkv lists)", lambda i: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq)),
+        ("silu_mul (+ down lists)", lambda i: dops.silu_mul(p_gu, I, dt, lists=ld)),
+        ("qkv_rope_cache", lambda i: dops.qkv_rope_cache(p_qkv, None, cos, sin, pos, kc, vc, H, Hkv)),
+        ("decode_attention (context 384)", lambda i: dops.decode_attention(q, kc, vc, pos, 0)),
+    ]
+    if cfgs["o"].listed:
+        items.append(("compaction of o's input", lambda i: launch_compact(a, t_o, cfgs["o"].kr)))
+    out = []
+    for label, fn in items:
+        us = _graph_time(fn) * 1e6
+        out.append({"kernel": label, "us": us})
+        log(f"step kernel {label:48s} {us:6.1f} us")
+    total = sum(r["us"] for r in out)
+    log(f"step kernels per layer {total:.1f} us (x {c.num_hidden_layers} layers = {total * c.num_hidden_layers / 1e3:.2f}"
+        f" ms per token); partials S {S}")
+    res["step_breakdown"] = {"model": name, "partials": S, "kernels": out, "per_layer_us": total}
 
 
 def _file_decode_rows(res: dict, rows: list[dict], dense_best: dict) -> None:
@@ -572,6 +630,12 @@ def markdown(res: dict) -> str:
         L.append(f"| {r['matrix']} | {r['B']} | {r['path']} | {r['sparsity']:.2f} | {r.get('realised', 0):.3f} | "
                  f"{r['us']:.1f} | {r['tbps']:.2f} | {r.get('copy_fraction', r['tbps'] / res['copy_tbps']):.0%} | "
                  f"{r.get('vs_linear', 1.0):.2f} |")
+    if res.get("step_breakdown"):
+        sb = res["step_breakdown"]
+        L += ["", f"## The decode step's small kernels ({sb['model']}, batch 1, each alone inside a CUDA graph; "
+              f"partials S {sb['partials']})", "", "| kernel | us |", "|---|---|"]
+        L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"]]
+        L.append(f"| per layer | {sb['per_layer_us']:.1f} |")
     if res.get("errors"):
         L += ["", "## Errors / skipped sections", ""] + [f"- {x['section']}: {x['error']}" for x in res["errors"]]
     L += ["", "## Launch configurations chosen by the sweep (block_n, kr, block_k, warps, stages, dot, compact, "
