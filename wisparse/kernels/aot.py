@@ -95,6 +95,19 @@ def _old_variants():
                    cfg.num_warps, cfg.num_stages)
 
 
+def _test_variants():
+    """What the GPU tests also launch: the FMA path, and unaligned widths (ALIGN 1: scalar loads, not pipelined)."""
+    ptr = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*i32"}
+    for compact, align in ((True, 8), (True, 1), (False, 1)):
+        yield (f"gemv FMA {'compact' if compact else 'masked'} bn=128 kr=512 bk=32 align={align}",
+               sg._sparse_gemv_kernel, ptr,
+               dict(ALIGN=align, KR=512, BLOCK_N=128, BLOCK_K=32, CHUNK=512, BLOCK_B=1, DENSE=False, USE_DOT=False,
+                    COMPACT=compact, PREFETCH=False), 4, 2)
+    ptr = {"idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*fp16", "out_ptr": "*fp32"}
+    yield ("gemv_list fp16 bn=256 bk=32 w=8 st=8 split=3 align=1", sg._gemv_list_kernel, ptr,
+           dict(SEG=512, SPLIT=3, BLOCK_N=256, BLOCK_K=32, ALIGN=1), 8, 8)
+
+
 def _decode_variants():
     lst = {"t_ptr": "*fp32", "idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32"}
     for D in (4096, 3584):
@@ -118,7 +131,8 @@ def _decode_variants():
 
 def main() -> list[dict]:
     rows = []
-    for label, kern, ptr, const, nw, ns in (*_list_variants(), *_old_variants(), *_decode_variants()):
+    for label, kern, ptr, const, nw, ns in (*_list_variants(), *_old_variants(), *_test_variants(),
+                                            *_decode_variants()):
         try:
             r = compile_sm90(kern, ptr, const, nw, ns, divisible=("K", "N", "D", "W0", "W1", "stride_xb"))
             line = (f"{label:62s} regs {r['regs']:3d}  spill(local {r['local']}, stack {r['stack']})  "
