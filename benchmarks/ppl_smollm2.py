@@ -92,7 +92,8 @@ def main() -> None:
                               cache=ResultCache(args.cache), progress=False)
             ablation += [dict(r, method=f"wisparse ({search}:{criterion})") for r in extra]
         baselines = [r for r in rows if r["method"] in ("teal", "wina")]
-        protocol["selector ablation"] = "wisparse rows under each alpha selector (search:criterion); the first is the main table's"
+        protocol["selector ablation"] = ("wisparse rows under each alpha selector (search:criterion); the first is "
+                                         "the main table's")
         _, md_path = write_results(f"{args.out}_selectors", protocol, baselines + ablation,
                                    "Alpha selectors side by side, SmolLM2-135M-Instruct")
         print(md_path.read_text())

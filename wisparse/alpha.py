@@ -8,7 +8,7 @@ whole sparsified model on selection windows (never evaluation text), by one of t
   compares whole distributions at every position, so it is far less noisy than the NLL;
 - nll: the mean next-token negative log-likelihood of the selection text (the log of its perplexity). It scores
   only the one observed token per position; on the H200 table it chose worse alphas than kl at most levels
-  (benchmarks/results/ppl_smollm2_selectors.md).
+  (benchmarks/results/ppl_smollm2_selector_history.md).
 
 The searches:
 
@@ -41,10 +41,11 @@ SEARCHES = ("global", "block", "validated")
 CRITERIA = ("nll", "kl")
 
 
-def check_alpha_selector(search: str, criterion: str) -> None:
-    if search not in SEARCHES:
+def check_alpha_selector(search: str | None = None, criterion: str | None = None) -> None:
+    """A clear error for an unknown search or criterion name (each checked when given)."""
+    if search is not None and search not in SEARCHES:
         raise WisparseError(f"unknown alpha search {search!r}; choose one of {', '.join(SEARCHES)}")
-    if criterion not in CRITERIA:
+    if criterion is not None and criterion not in CRITERIA:
         raise WisparseError(f"unknown alpha criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
 
 
@@ -70,7 +71,7 @@ def _scored_tokens(criterion: str, windows: torch.Tensor) -> int:
 def dense_reference(model: nn.Module, windows: torch.Tensor, criterion: str) -> list[torch.Tensor | None]:
     """What the criterion compares against: the dense model's next-token log-probabilities per window (kl, kept
     in float16 to halve memory), or nothing (nll compares with the text itself)."""
-    check_alpha_selector("global", criterion)
+    check_alpha_selector(criterion=criterion)
     if criterion == "nll":
         return [None] * len(windows)
     device = next(model.parameters()).device
@@ -109,7 +110,8 @@ def select_alphas(
     check_alpha_selector(search, criterion)
     if search == "validated":
         return _validated_search(model, stats, windows, mode, sparsities, grid=grid, criterion=criterion,
-                                 block_steps=block_steps, share_site_masks=share_site_masks, positions=positions, progress=progress)
+                                 block_steps=block_steps, share_site_masks=share_site_masks, positions=positions,
+                                 progress=progress)
     if grid is None:
         if stats is None:
             raise WisparseError("give an alpha grid or calibration statistics")
@@ -150,8 +152,8 @@ def select_alphas(
                     for w, ref in enumerate(reference))
         return total / _scored_tokens(criterion, windows)
 
-    record = {"search": search, "criterion": criterion, "grid": list(grid), "global_loss": {}, "block_changes": [],
-              "evaluations": 0}
+    record = {"search": search, "criterion": criterion, "block_steps": block_steps, "grid": list(grid),
+              "global_loss": {}, "block_changes": [], "evaluations": 0}
     for alpha in tqdm(grid, desc="alpha (global)", disable=not progress):
         for b in range(n_blocks):
             set_block(b, alpha)
@@ -191,7 +193,8 @@ def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterio
         raise WisparseError("the validated alpha search needs at least 2 selection windows")
     half = len(windows) // 2
     searched, record = select_alphas(model, stats, windows[:half], mode, sparsities, grid=grid, search="block",
-                                     criterion=criterion, block_steps=block_steps, share_site_masks=share_site_masks, positions=positions, progress=progress)
+                                     criterion=criterion, block_steps=block_steps,
+                                     share_site_masks=share_site_masks, positions=positions, progress=progress)
     candidates = {"block": searched, "global": {n: record["global_best"] for n in sparsities},
                   "teal": {n: 0.0 for n in sparsities}, "wina": {n: 1.0 for n in sparsities}}
     held_out = windows[half:]

@@ -69,8 +69,8 @@ def ppl_table(
                 config = calibrate(model, tokenizer, method, sparsity, mode, data_dir=data_dir,
                                    calib_windows=calib_windows, window_len=window_len,
                                    selection_windows=selection_windows, alpha_search=alpha_search,
-                                   alpha_criterion=alpha_criterion, sequential=sequential, positions=positions, stats=stats, calib_tokens=calib,
-                                   selection_tokens=selection, progress=progress)
+                                   alpha_criterion=alpha_criterion, sequential=sequential, positions=positions,
+                                   stats=stats, calib_tokens=calib, selection_tokens=selection, progress=progress)
                 sparsify_(model, config)
             calib_seconds = time.perf_counter() - start
             result = perplexity(model, evaluation, progress=progress)
