@@ -71,3 +71,42 @@ def test_validated_search_chooses_by_held_out_windows():
     assert record["held_out_loss"][record["chosen"]] == min(record["held_out_loss"].values())
     if record["chosen"] == "teal":
         assert set(alphas.values()) == {0.0}
+
+
+def test_interrupted_alpha_search_resumes_to_the_same_choice(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    alpha_module = sys.modules["wisparse.alpha"]
+    model = tiny_model("llama", layers=4)
+    stats = collect_stats(model, torch.randint(0, 128, (3, 48)), progress=False)
+    selection = torch.randint(0, 128, (2, 48))
+    sparsities = uniform_allocation(model, "wisparse", 0.5)
+    calls = []
+    original_loss = alpha_module._window_loss
+    monkeypatch.setattr(alpha_module, "_window_loss", lambda *args: calls.append(1) or original_loss(*args))
+    reference, reference_record = select_alphas(model, stats, selection, "threshold", sparsities, progress=False)
+    full_run_losses = len(calls)
+    path = tmp_path / "alpha.json"
+    original_advance = alpha_module.BlockRunner.advance
+
+    def advance_then_die(self, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        original_advance(self, index)
+
+    monkeypatch.setattr(alpha_module.BlockRunner, "advance", advance_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        select_alphas(model, stats, selection, "threshold", sparsities, checkpoint=path, progress=False)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())  # dense again, even when interrupted
+    assert json.loads(path.read_text())["blocks_done"] == 2
+    monkeypatch.setattr(alpha_module.BlockRunner, "advance", original_advance)
+    calls.clear()
+    alphas, record = select_alphas(model, stats, selection, "threshold", sparsities, checkpoint=path, progress=False)
+    assert len(calls) < full_run_losses - len(selection) * len(stats.alpha_grid)  # the saved work was not redone
+    assert alphas == reference
+    assert record["best_loss"] == pytest.approx(reference_record["best_loss"], rel=1e-6)
+    assert record["evaluations"] == reference_record["evaluations"]
+    with pytest.raises(WisparseError, match="checkpoint .* another"):
+        select_alphas(model, stats, selection, "threshold", uniform_allocation(model, "wisparse", 0.4),
+                      checkpoint=path, progress=False)

@@ -59,7 +59,8 @@ def calibrate(
 
     Calibration windows (thresholds) and selection windows (alpha) are disjoint slices of the train text.
     Pass `stats` from `collect_stats` (and the token windows) to reuse one dense pass across methods and levels;
-    `checkpoint` (a file path) makes the dense pass resumable.
+    `checkpoint` (a file path) makes the dense pass resumable, and wisparse's alpha search (saved beside it, one
+    file per mode and level).
     """
     check_method(method, mode)
     check_sparsity(sparsity)
@@ -80,11 +81,13 @@ def calibrate(
         if selection is None:
             selection = role_windows("selection", tokenizer, selection_len or window_len, selection_windows,
                                      data_dir, bos)
+        alpha_checkpoint = f"{checkpoint}.alpha-{mode}-{sparsity:g}.json" if checkpoint else None
         alphas, record = select_alphas(model, stats if thresholds else None, selection, mode, sparsities,
                                        grid=stats.alpha_grid if thresholds else DEFAULT_ALPHA_GRID,
                                        search=alpha_search, criterion=alpha_criterion,
-                                       share_site_masks=share_site_masks,
-                                       positions=positions, progress=progress)
+                                       share_site_masks=share_site_masks, positions=positions,
+                                       checkpoint=alpha_checkpoint,
+                                       progress=progress)
     config = build_config(model, stats if thresholds else None, method, mode, sparsities, alphas,
                           target_sparsity=sparsity if method != "cats" else None, positions=positions,
                           share_site_masks=share_site_masks)

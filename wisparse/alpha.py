@@ -25,14 +25,17 @@ The searches:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wisparse.calibrate import BlockRunner, CalibrationStats
+from wisparse.calibrate import BlockRunner, CalibrationStats, checkpoint_tag
 from wisparse.errors import WisparseError
 from wisparse.models.adapters import adapter_for
 from wisparse.sparsify import apply_projection, build_config, sparsify_, unsparsify_
@@ -103,15 +106,17 @@ def select_alphas(
     block_steps: int = 1,
     share_site_masks: bool = False,
     positions: float = 1.0,
+    checkpoint: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], dict]:
     """Per-projection alphas (one value per block) and a record of the search. `model` must be dense on entry
-    and is dense again on return. `windows` are selection tokens."""
+    and is dense again on return. `windows` are selection tokens. With `checkpoint` (a JSON path) the search
+    saves its state after every global candidate and every block, and a rerun resumes from there."""
     check_alpha_selector(search, criterion)
     if search == "validated":
         return _validated_search(model, stats, windows, mode, sparsities, grid=grid, criterion=criterion,
                                  block_steps=block_steps, share_site_masks=share_site_masks, positions=positions,
-                                 progress=progress)
+                                 checkpoint=checkpoint, progress=progress)
     if grid is None:
         if stats is None:
             raise WisparseError("give an alpha grid or calibration statistics")
@@ -125,67 +130,116 @@ def select_alphas(
     reference = dense_reference(model, windows, criterion)
     configs = {a: build_config(model, stats, "wisparse", mode, sparsities, {n: a for n in sparsities},
                                share_site_masks=share_site_masks, positions=positions) for a in grid}
+    path = Path(checkpoint) if checkpoint else None
+    tag = _search_tag(model, windows, grid, mode, sparsities, search, criterion, block_steps, share_site_masks,
+                      positions) if path else None
+    saved = _load_search(path, tag) if path else {}
     sparsify_(model, configs[grid[0]])
-    site_of = {}
-    for b in range(n_blocks):
-        for site in adapter.sites:
-            names = [f"{adapter.blocks_path}.{b}.{p}" for p in site.projections]
-            site_of.update({n: names for n in names})
-    names_of_block = [[n for n in sparsities if adapter.block_index(n) == b] for b in range(n_blocks)]
-    block_alpha = [grid[0]] * n_blocks
-
-    def set_block(b: int, alpha: float) -> None:
-        block_alpha[b] = alpha
-        for name in names_of_block[b]:
-            apply_projection(model, configs[alpha], name, site_of[name])
-
-    runner = BlockRunner(model, windows, adapter)  # holds the hidden states entering the current block
-    # All selection windows go through each block as one batch (the captured block arguments broadcast over the
-    # batch): a trial is n_blocks - b launches of each kernel, not n_windows times that.
-    runner.hidden = [torch.cat(runner.hidden)]
-
-    def loss_from(b: int) -> float:
-        hidden = runner.hidden[0]
-        for i in range(b, n_blocks):
-            hidden = runner.run(i, hidden)
-        total = sum(_window_loss(criterion, windows[w], ref, adapter.logits(model, hidden[w: w + 1])[0])
-                    for w, ref in enumerate(reference))
-        return total / _scored_tokens(criterion, windows)
-
-    record = {"search": search, "criterion": criterion, "block_steps": block_steps, "grid": list(grid),
-              "global_loss": {}, "block_changes": [], "evaluations": 0}
-    for alpha in tqdm(grid, desc="alpha (global)", disable=not progress):
+    try:  # the model is dense again on return, also when interrupted
+        site_of = {}
         for b in range(n_blocks):
-            set_block(b, alpha)
-        record["global_loss"][str(alpha)] = loss_from(0)
-    best_alpha = min(grid, key=lambda a: record["global_loss"][str(a)])
-    best_loss = record["global_loss"][str(best_alpha)]
-    for b in range(n_blocks):
-        set_block(b, best_alpha)
-    record["evaluations"] = len(grid)
-    if search == "block":
-        at = grid.index(best_alpha)
-        trials = [a for a in grid[max(0, at - block_steps): at + block_steps + 1] if a != best_alpha]
-        for b in tqdm(range(n_blocks), desc="alpha (per block)", disable=not progress):
-            current = block_alpha[b]
-            for alpha in trials:
+            for site in adapter.sites:
+                names = [f"{adapter.blocks_path}.{b}.{p}" for p in site.projections]
+                site_of.update({n: names for n in names})
+        names_of_block = [[n for n in sparsities if adapter.block_index(n) == b] for b in range(n_blocks)]
+        block_alpha = [grid[0]] * n_blocks
+
+        def set_block(b: int, alpha: float) -> None:
+            block_alpha[b] = alpha
+            for name in names_of_block[b]:
+                apply_projection(model, configs[alpha], name, site_of[name])
+
+        runner = BlockRunner(model, windows, adapter)  # holds the hidden states entering the current block
+        # All selection windows go through each block as one batch (the captured block arguments broadcast over the
+        # batch): a trial is n_blocks - b launches of each kernel, not n_windows times that.
+        runner.hidden = [torch.cat(runner.hidden)]
+
+        def loss_from(b: int) -> float:
+            hidden = runner.hidden[0]
+            for i in range(b, n_blocks):
+                hidden = runner.run(i, hidden)
+            total = sum(_window_loss(criterion, windows[w], ref, adapter.logits(model, hidden[w: w + 1])[0])
+                        for w, ref in enumerate(reference))
+            return total / _scored_tokens(criterion, windows)
+
+        record = {"search": search, "criterion": criterion, "block_steps": block_steps, "grid": list(grid),
+                  "global_loss": {}, "block_changes": [], "evaluations": 0}
+        record["global_loss"].update(saved.get("global_loss", {}))
+        for alpha in tqdm(grid, desc="alpha (global)", disable=not progress):
+            if str(alpha) in record["global_loss"]:
+                continue
+            for b in range(n_blocks):
                 set_block(b, alpha)
-                loss = loss_from(b)
-                record["evaluations"] += 1
-                if loss < best_loss:
-                    best_loss, current = loss, alpha
-                    record["block_changes"].append({"block": b, "alpha": alpha, "loss": loss})
-            set_block(b, current)
-            runner.advance(b)
-    unsparsify_(model)
+            record["global_loss"][str(alpha)] = loss_from(0)
+            if path:
+                _save_search(path, tag, record, block_alpha, 0)
+        best_alpha = min(grid, key=lambda a: record["global_loss"][str(a)])
+        best_loss = record["global_loss"][str(best_alpha)]
+        for b in range(n_blocks):
+            set_block(b, best_alpha)
+        record["evaluations"] = len(grid)
+        if search == "block":
+            at = grid.index(best_alpha)
+            trials = [a for a in grid[max(0, at - block_steps): at + block_steps + 1] if a != best_alpha]
+            blocks_done = saved.get("blocks_done", 0)
+            if blocks_done:
+                best_loss = saved["best_loss"]
+                record["block_changes"] = saved["block_changes"]
+                record["evaluations"] = saved["evaluations"]
+            for b in tqdm(range(n_blocks), desc="alpha (per block)", disable=not progress):
+                if b < blocks_done:  # searched before the interruption: replay its choice
+                    set_block(b, saved["block_alpha"][b])
+                    runner.advance(b)
+                    continue
+                current = block_alpha[b]
+                for alpha in trials:
+                    set_block(b, alpha)
+                    loss = loss_from(b)
+                    record["evaluations"] += 1
+                    if loss < best_loss:
+                        best_loss, current = loss, alpha
+                        record["block_changes"].append({"block": b, "alpha": alpha, "loss": loss})
+                set_block(b, current)
+                runner.advance(b)
+                if path:
+                    _save_search(path, tag, dict(record, best_loss=best_loss), block_alpha, b + 1)
+    finally:
+        unsparsify_(model)
     record.update(global_best=best_alpha, best_loss=best_loss, block_alphas=list(block_alpha),
                   seconds=round(time.perf_counter() - start, 2), tokens=windows.numel())
     alphas = {n: block_alpha[adapter.block_index(n)] for n in sparsities}
     return alphas, record
 
 
+def _search_tag(model, windows, grid, mode, sparsities, search, criterion, block_steps, share_site_masks,
+                positions) -> dict:
+    """What an alpha-search checkpoint must match to be resumed."""
+    levels = hashlib.sha256(json.dumps(sorted(sparsities.items())).encode()).hexdigest()
+    return dict(checkpoint_tag(model, windows, tuple(grid)), mode=mode, levels=levels, search=search,
+                criterion=criterion, block_steps=block_steps, share_site_masks=share_site_masks, positions=positions)
+
+
+def _save_search(path: Path, tag: dict, record: dict, block_alpha: list[float], blocks_done: int) -> None:
+    state = {"tag": tag, "global_loss": record["global_loss"], "block_alpha": block_alpha,
+             "blocks_done": blocks_done, "best_loss": record.get("best_loss"),
+             "block_changes": record["block_changes"], "evaluations": record["evaluations"]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
+
+
+def _load_search(path: Path, tag: dict) -> dict:
+    if not path.exists():
+        return {}
+    state = json.loads(path.read_text())
+    if state.get("tag") != json.loads(json.dumps(tag)):
+        raise WisparseError(f"alpha-search checkpoint {path} was made for another model, tokens or setting; "
+                            f"delete it or choose another path")
+    return state
+
+
 def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterion, block_steps, share_site_masks,
-                      positions, progress):
+                      positions, checkpoint, progress):
     """Block search on the first half of the selection windows; then the block-wise result, the best global
     alpha, TEAL's 0 and WINA's 1 compete on the held-out second half, which guards against the sweep fitting
     the noise of the windows it searched on."""
@@ -194,7 +248,8 @@ def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterio
     half = len(windows) // 2
     searched, record = select_alphas(model, stats, windows[:half], mode, sparsities, grid=grid, search="block",
                                      criterion=criterion, block_steps=block_steps,
-                                     share_site_masks=share_site_masks, positions=positions, progress=progress)
+                                     share_site_masks=share_site_masks, positions=positions, checkpoint=checkpoint,
+                                     progress=progress)
     candidates = {"block": searched, "global": {n: record["global_best"] for n in sparsities},
                   "teal": {n: 0.0 for n in sparsities}, "wina": {n: 1.0 for n in sparsities}}
     held_out = windows[half:]

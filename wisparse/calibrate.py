@@ -146,7 +146,7 @@ def _activation_recorder(hist: LogHistogram, stop: bool = False):
     return hook
 
 
-def _checkpoint_tag(model: nn.Module, windows: torch.Tensor, alpha_grid: tuple[float, ...]) -> dict:
+def checkpoint_tag(model: nn.Module, windows: torch.Tensor, alpha_grid: tuple[float, ...]) -> dict:
     """What a checkpoint must match to be resumed: the model's shapes and weights, the tokens, the grid."""
     from wisparse.config import model_fingerprint
 
@@ -202,7 +202,7 @@ def collect_stats(
                              window_len=windows.shape[1])
     grid = list(alpha_grid)
     path = Path(checkpoint) if checkpoint else None
-    tag = _checkpoint_tag(model, windows, tuple(alpha_grid)) if path else None
+    tag = checkpoint_tag(model, windows, tuple(alpha_grid)) if path else None
     first_block = _load_checkpoint(path, tag, runner, stats) if path else 0
     last_save = time.perf_counter()
     for index, block in enumerate(tqdm(runner.blocks, desc="calibrating", disable=not progress)):

@@ -59,7 +59,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sequential", action="store_true",
                    help="skip the sequential threshold refinement (faster; realised sparsity drifts)")
     p.add_argument("--share-site-masks", action="store_true", help="one mask per site instead of per projection")
-    p.add_argument("--checkpoint", default=None, help="save the calibration pass here and resume from it")
+    p.add_argument("--checkpoint", default=None,
+                   help="save the calibration pass (and wisparse's alpha search, beside it) here and resume from them")
     p.add_argument("--positions", type=float, default=1.0,
                    help="fraction of each sequence's last positions that are sparsified (default 1.0: all)")
 
