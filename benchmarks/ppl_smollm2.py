@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--methods", default="teal,wina,wisparse")
     parser.add_argument("--alpha-search", default="block")
     parser.add_argument("--alpha-criterion", default="kl")
+    parser.add_argument("--alpha-min-z", type=float, default=0.0)
     parser.add_argument("--selector-ablation", default="", help="e.g. global:nll,global:kl,block:kl")
     parser.add_argument("--no-sequential", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/ppl_smollm2")
@@ -55,7 +56,8 @@ def main() -> None:
     rows = ppl_table(model, tokenizer, runs, data_dir=args.data_dir, eval_windows=args.eval_windows,
                      calib_windows=args.calib_windows, window_len=args.window_len,
                      selection_windows=args.selection_windows, alpha_search=args.alpha_search,
-                     alpha_criterion=args.alpha_criterion, sequential=not args.no_sequential,
+                     alpha_criterion=args.alpha_criterion, alpha_min_z=args.alpha_min_z,
+                     sequential=not args.no_sequential,
                      cache=ResultCache(args.cache), progress=False)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     protocol = {
@@ -69,7 +71,7 @@ def main() -> None:
                        f"refinement (threshold mode)",
         "alpha selection (wisparse)": f"{args.alpha_criterion} on {args.selection_windows} x {args.window_len} "
                                       f"selection tokens (train subset, disjoint from calibration), "
-                                      f"search={args.alpha_search}",
+                                      f"search={args.alpha_search}, min_z={args.alpha_min_z:g}",
         "positions sparsified": "all", "allocation": "uniform (every projection at the nominal level; cats: "
                                                       "the MLP intermediate only)",
         "sparsity_realised": "parameter-weighted over the 7 projections, measured on the evaluation tokens",

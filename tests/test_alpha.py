@@ -110,3 +110,22 @@ def test_interrupted_alpha_search_resumes_to_the_same_choice(tmp_path, monkeypat
     with pytest.raises(WisparseError, match="checkpoint .* another"):
         select_alphas(model, stats, selection, "threshold", uniform_allocation(model, "wisparse", 0.4),
                       checkpoint=path, progress=False)
+
+
+def test_a_block_change_needs_a_clear_gain_when_min_z_is_set():
+    from wisparse.alpha import _clearly_lower
+
+    current = [1.0, 1.0, 1.0, 1.0]
+    assert _clearly_lower([0.9, 0.91, 0.89, 0.9], current, min_z=2.0)  # consistent gain on every window
+    noisy = [0.5, 1.4, 0.6, 1.3]  # lower on the mean, but not window by window
+    assert _clearly_lower(noisy, current, min_z=0.0) and not _clearly_lower(noisy, current, min_z=2.0)
+    assert not _clearly_lower([1.1, 1.0, 1.0, 1.0], current, min_z=0.0)
+
+    model = tiny_model("llama", layers=3)
+    stats = collect_stats(model, torch.randint(0, 128, (3, 48)), progress=False)
+    selection = torch.randint(0, 128, (3, 48))
+    sparsities = uniform_allocation(model, "wisparse", 0.5)
+    alphas, record = select_alphas(model, stats, selection, "threshold", sparsities, min_z=1e9, progress=False)
+    assert record["block_changes"] == [] and set(alphas.values()) == {record["global_best"]}
+    with pytest.raises(WisparseError, match="at least 2 selection windows"):
+        select_alphas(model, stats, selection[:1], "threshold", sparsities, min_z=2.0, progress=False)

@@ -46,6 +46,7 @@ def calibrate(
     selection_len: int | None = None,
     alpha_search: str = "block",
     alpha_criterion: str = "kl",
+    alpha_min_z: float = 0.0,
     sequential: bool = True,
     share_site_masks: bool = False,
     positions: float = 1.0,
@@ -84,7 +85,7 @@ def calibrate(
         alpha_checkpoint = f"{checkpoint}.alpha-{mode}-{sparsity:g}.json" if checkpoint else None
         alphas, record = select_alphas(model, stats if thresholds else None, selection, mode, sparsities,
                                        grid=stats.alpha_grid if thresholds else DEFAULT_ALPHA_GRID,
-                                       search=alpha_search, criterion=alpha_criterion,
+                                       search=alpha_search, criterion=alpha_criterion, min_z=alpha_min_z,
                                        share_site_masks=share_site_masks, positions=positions,
                                        checkpoint=alpha_checkpoint,
                                        progress=progress)

@@ -17,9 +17,10 @@ The searches:
 2. block: one sweep over the blocks in forward order, each trying the grid's neighbours (block_steps grid steps
    either side, default 1) of the best global alpha with the rest fixed, keeping a change only when the loss
    falls. Few, local trials per block: trying the whole grid at every block fitted the noise of the selection
-   windows (30 blocks x 6 trials of near-equal loss). A trial of block b reruns only blocks b.. from the cached
-   hidden states entering block b (all windows as one batch), and swaps precomputed thresholds: no weight or
-   statistics work per trial.
+   windows (30 blocks x 6 trials of near-equal loss). With min_z > 0 a change must also lower the loss by at
+   least min_z standard errors of its paired per-window differences. A trial of block b reruns only blocks b..
+   from the cached hidden states entering block b (all windows as one batch), and swaps precomputed thresholds:
+   no weight or statistics work per trial.
 3. validated (an option): the block search on half of the selection windows, then a choice between its result,
    the best global alpha, 0 and 1 by the loss on the other half.
 """
@@ -104,6 +105,7 @@ def select_alphas(
     search: str = "block",
     criterion: str = "kl",
     block_steps: int = 1,
+    min_z: float = 0.0,
     share_site_masks: bool = False,
     positions: float = 1.0,
     checkpoint: str | Path | None = None,
@@ -113,10 +115,12 @@ def select_alphas(
     and is dense again on return. `windows` are selection tokens. With `checkpoint` (a JSON path) the search
     saves its state after every global candidate and every block, and a rerun resumes from there."""
     check_alpha_selector(search, criterion)
+    if min_z > 0 and len(windows) < (4 if search == "validated" else 2):
+        raise WisparseError("min_z > 0 compares per-window losses: give at least 2 selection windows per search")
     if search == "validated":
         return _validated_search(model, stats, windows, mode, sparsities, grid=grid, criterion=criterion,
-                                 block_steps=block_steps, share_site_masks=share_site_masks, positions=positions,
-                                 checkpoint=checkpoint, progress=progress)
+                                 block_steps=block_steps, min_z=min_z, share_site_masks=share_site_masks,
+                                 positions=positions, checkpoint=checkpoint, progress=progress)
     if grid is None:
         if stats is None:
             raise WisparseError("give an alpha grid or calibration statistics")
@@ -131,8 +135,8 @@ def select_alphas(
     configs = {a: build_config(model, stats, "wisparse", mode, sparsities, {n: a for n in sparsities},
                                share_site_masks=share_site_masks, positions=positions) for a in grid}
     path = Path(checkpoint) if checkpoint else None
-    tag = _search_tag(model, windows, grid, mode, sparsities, search, criterion, block_steps, share_site_masks,
-                      positions) if path else None
+    tag = _search_tag(model, windows, grid, mode, sparsities, search, criterion, block_steps, min_z,
+                      share_site_masks, positions) if path else None
     saved = _load_search(path, tag) if path else {}
     sparsify_(model, configs[grid[0]])
     try:  # the model is dense again on return, also when interrupted
@@ -154,27 +158,33 @@ def select_alphas(
         # batch): a trial is n_blocks - b launches of each kernel, not n_windows times that.
         runner.hidden = [torch.cat(runner.hidden)]
 
-        def loss_from(b: int) -> float:
+        def window_losses_from(b: int) -> list[float]:
+            """Per-window mean loss with blocks b.. rerun (windows are equally long: their mean is the loss)."""
             hidden = runner.hidden[0]
             for i in range(b, n_blocks):
                 hidden = runner.run(i, hidden)
-            total = sum(_window_loss(criterion, windows[w], ref, adapter.logits(model, hidden[w: w + 1])[0])
-                        for w, ref in enumerate(reference))
-            return total / _scored_tokens(criterion, windows)
+            per_window = _scored_tokens(criterion, windows) / len(windows)
+            return [_window_loss(criterion, windows[w], ref, adapter.logits(model, hidden[w: w + 1])[0]) / per_window
+                    for w, ref in enumerate(reference)]
 
-        record = {"search": search, "criterion": criterion, "block_steps": block_steps, "grid": list(grid),
-                  "global_loss": {}, "block_changes": [], "evaluations": 0}
+        record = {"search": search, "criterion": criterion, "block_steps": block_steps, "min_z": min_z,
+                  "grid": list(grid), "global_loss": {}, "global_window_losses": {}, "block_changes": [],
+                  "evaluations": 0}
         record["global_loss"].update(saved.get("global_loss", {}))
+        record["global_window_losses"].update(saved.get("global_window_losses", {}))
         for alpha in tqdm(grid, desc="alpha (global)", disable=not progress):
             if str(alpha) in record["global_loss"]:
                 continue
             for b in range(n_blocks):
                 set_block(b, alpha)
-            record["global_loss"][str(alpha)] = loss_from(0)
+            losses = window_losses_from(0)
+            record["global_window_losses"][str(alpha)] = losses
+            record["global_loss"][str(alpha)] = sum(losses) / len(losses)
             if path:
                 _save_search(path, tag, record, block_alpha, 0)
         best_alpha = min(grid, key=lambda a: record["global_loss"][str(a)])
         best_loss = record["global_loss"][str(best_alpha)]
+        best_windows = record["global_window_losses"][str(best_alpha)]
         for b in range(n_blocks):
             set_block(b, best_alpha)
         record["evaluations"] = len(grid)
@@ -183,7 +193,7 @@ def select_alphas(
             trials = [a for a in grid[max(0, at - block_steps): at + block_steps + 1] if a != best_alpha]
             blocks_done = saved.get("blocks_done", 0)
             if blocks_done:
-                best_loss = saved["best_loss"]
+                best_loss, best_windows = saved["best_loss"], saved["best_window_losses"]
                 record["block_changes"] = saved["block_changes"]
                 record["evaluations"] = saved["evaluations"]
             for b in tqdm(range(n_blocks), desc="alpha (per block)", disable=not progress):
@@ -194,15 +204,16 @@ def select_alphas(
                 current = block_alpha[b]
                 for alpha in trials:
                     set_block(b, alpha)
-                    loss = loss_from(b)
+                    losses = window_losses_from(b)
                     record["evaluations"] += 1
-                    if loss < best_loss:
-                        best_loss, current = loss, alpha
-                        record["block_changes"].append({"block": b, "alpha": alpha, "loss": loss})
+                    if _clearly_lower(losses, best_windows, min_z):
+                        best_loss, best_windows, current = sum(losses) / len(losses), losses, alpha
+                        record["block_changes"].append({"block": b, "alpha": alpha, "loss": best_loss})
                 set_block(b, current)
                 runner.advance(b)
                 if path:
-                    _save_search(path, tag, dict(record, best_loss=best_loss), block_alpha, b + 1)
+                    _save_search(path, tag, dict(record, best_loss=best_loss, best_window_losses=best_windows),
+                                 block_alpha, b + 1)
     finally:
         unsparsify_(model)
     record.update(global_best=best_alpha, best_loss=best_loss, block_alphas=list(block_alpha),
@@ -211,17 +222,32 @@ def select_alphas(
     return alphas, record
 
 
-def _search_tag(model, windows, grid, mode, sparsities, search, criterion, block_steps, share_site_masks,
+def _clearly_lower(candidate: list[float], current: list[float], min_z: float) -> bool:
+    """Whether the candidate's per-window losses are lower than the current ones: on the mean, and with
+    min_z > 0 by at least min_z standard errors of the paired per-window differences (a change the selection
+    windows cannot tell from noise is not taken)."""
+    gains = torch.tensor(current, dtype=torch.float64) - torch.tensor(candidate, dtype=torch.float64)
+    if gains.mean() <= 0:
+        return False
+    if min_z <= 0:
+        return True
+    return bool(gains.mean() > min_z * gains.std() / len(gains) ** 0.5)
+
+
+def _search_tag(model, windows, grid, mode, sparsities, search, criterion, block_steps, min_z, share_site_masks,
                 positions) -> dict:
     """What an alpha-search checkpoint must match to be resumed."""
     levels = hashlib.sha256(json.dumps(sorted(sparsities.items())).encode()).hexdigest()
     return dict(checkpoint_tag(model, windows, tuple(grid)), mode=mode, levels=levels, search=search,
-                criterion=criterion, block_steps=block_steps, share_site_masks=share_site_masks, positions=positions)
+                criterion=criterion, block_steps=block_steps, min_z=min_z, share_site_masks=share_site_masks,
+                positions=positions)
 
 
 def _save_search(path: Path, tag: dict, record: dict, block_alpha: list[float], blocks_done: int) -> None:
     state = {"tag": tag, "global_loss": record["global_loss"], "block_alpha": block_alpha,
              "blocks_done": blocks_done, "best_loss": record.get("best_loss"),
+             "best_window_losses": record.get("best_window_losses"),
+             "global_window_losses": record["global_window_losses"],
              "block_changes": record["block_changes"], "evaluations": record["evaluations"]}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(state))
@@ -238,8 +264,8 @@ def _load_search(path: Path, tag: dict) -> dict:
     return state
 
 
-def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterion, block_steps, share_site_masks,
-                      positions, checkpoint, progress):
+def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterion, block_steps, min_z,
+                      share_site_masks, positions, checkpoint, progress):
     """Block search on the first half of the selection windows; then the block-wise result, the best global
     alpha, TEAL's 0 and WINA's 1 compete on the held-out second half, which guards against the sweep fitting
     the noise of the windows it searched on."""
@@ -247,7 +273,7 @@ def _validated_search(model, stats, windows, mode, sparsities, *, grid, criterio
         raise WisparseError("the validated alpha search needs at least 2 selection windows")
     half = len(windows) // 2
     searched, record = select_alphas(model, stats, windows[:half], mode, sparsities, grid=grid, search="block",
-                                     criterion=criterion, block_steps=block_steps,
+                                     criterion=criterion, block_steps=block_steps, min_z=min_z,
                                      share_site_masks=share_site_masks, positions=positions, checkpoint=checkpoint,
                                      progress=progress)
     candidates = {"block": searched, "global": {n: record["global_best"] for n in sparsities},

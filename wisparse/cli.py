@@ -56,6 +56,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-criterion", default="kl",
                    help="what the alpha search minimises on selection text: kl (divergence from the dense model; "
                         "default) or nll (the text's perplexity; noisier)")
+    p.add_argument("--alpha-min-z", type=float, default=0.0,
+                   help="block search: take a block's change only if it lowers the loss by this many standard "
+                        "errors of the per-window differences (default 0: any decrease)")
     p.add_argument("--no-sequential", action="store_true",
                    help="skip the sequential threshold refinement (faster; realised sparsity drifts)")
     p.add_argument("--share-site-masks", action="store_true", help="one mask per site instead of per projection")
@@ -94,7 +97,8 @@ def _config_from_args(model, tokenizer, args):
     return wisparse.calibrate(
         model, tokenizer, args.method, args.sparsity, args.mode, data_dir=args.data_dir,
         calib_windows=args.calib_windows, window_len=args.window_len, selection_windows=args.selection_windows,
-        alpha_search=args.alpha_search, alpha_criterion=args.alpha_criterion, sequential=not args.no_sequential,
+        alpha_search=args.alpha_search, alpha_criterion=args.alpha_criterion, alpha_min_z=args.alpha_min_z,
+        sequential=not args.no_sequential,
         share_site_masks=args.share_site_masks,
         positions=args.positions, checkpoint=args.checkpoint)
 
@@ -130,7 +134,7 @@ def cmd_compare(args) -> None:
     rows = ppl_table(model, tokenizer, runs, data_dir=args.data_dir, eval_windows=args.eval_windows,
                      calib_windows=args.calib_windows, window_len=args.window_len,
                      selection_windows=args.selection_windows, alpha_search=args.alpha_search,
-                     alpha_criterion=args.alpha_criterion,
+                     alpha_criterion=args.alpha_criterion, alpha_min_z=args.alpha_min_z,
                      sequential=not args.no_sequential, positions=args.positions,
                      cache=ResultCache(args.cache), log=lambda line: print(line, flush=True))
     protocol = {"model": args.model or "SmolLM2-135M-Instruct (built-in)", "device": _device(args.device),

@@ -33,6 +33,7 @@ def ppl_table(
     selection_windows: int = 4,
     alpha_search: str = "block",
     alpha_criterion: str = "kl",
+    alpha_min_z: float = 0.0,
     sequential: bool = True,
     positions: float = 1.0,
     cache: ResultCache | None = None,
@@ -53,6 +54,8 @@ def ppl_table(
                    sequential=sequential, positions=positions)
     selector = dict(selection_windows=selection_windows, alpha_search=alpha_search, alpha_criterion=alpha_criterion,
                     alpha_grid=DEFAULT_ALPHA_GRID, selector=SELECTOR_VERSION)
+    if alpha_min_z > 0:  # only then, so the rows cached before this option existed still match
+        selector["alpha_min_z"] = alpha_min_z
     stats = calib = selection = None
     rows = []
     for method, mode, sparsity in runs:
@@ -69,7 +72,8 @@ def ppl_table(
                 config = calibrate(model, tokenizer, method, sparsity, mode, data_dir=data_dir,
                                    calib_windows=calib_windows, window_len=window_len,
                                    selection_windows=selection_windows, alpha_search=alpha_search,
-                                   alpha_criterion=alpha_criterion, sequential=sequential, positions=positions,
+                                   alpha_criterion=alpha_criterion, alpha_min_z=alpha_min_z,
+                                   sequential=sequential, positions=positions,
                                    stats=stats, calib_tokens=calib, selection_tokens=selection, progress=progress)
                 sparsify_(model, config)
             calib_seconds = time.perf_counter() - start
@@ -98,7 +102,8 @@ def ppl_table(
                 row["alpha"] = f"global {config.selection.get('global_best')}" + (
                     f", {changes} block changes" if alpha_search != "global" else "")
                 row["alpha_blocks"] = alphas
-                row["alpha_search"] = f"{alpha_search} ({alpha_criterion})"
+                row["alpha_search"] = f"{alpha_search} ({alpha_criterion}" + (
+                    f", min_z {alpha_min_z:g})" if alpha_min_z > 0 else ")")
                 if alpha_search == "validated":
                     row["alpha"] += f", held-out choice: {config.selection.get('chosen')}"
                 row["selection_seconds"] = config.selection.get("seconds")

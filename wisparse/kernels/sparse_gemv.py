@@ -100,6 +100,16 @@ def default_config(K: int, N: int, B: int, n_sm: int = 132, dense: bool = False)
 # the kernel
 # ----------------------------------------------------------------------------------------------------------------
 if HAVE_TRITON:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _pdl_enter(PDL: tl.constexpr):
+        """Programmatic dependent launch (version-4 step, launched with `launch_pdl=True`): wait for the previous
+        grid to finish and flush before touching memory (no races on reused buffers), then let the next grid launch
+        and make its CTAs resident while this one runs. First statement of every kernel that takes PDL."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     @triton.jit
     def _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
@@ -146,8 +156,9 @@ if HAVE_TRITON:
         ALIGN: tl.constexpr,
         KR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
         BLOCK_B: tl.constexpr, DENSE: tl.constexpr, USE_DOT: tl.constexpr, COMPACT: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        _pdl_enter(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         # which projection this column tile belongs to, and its columns
@@ -245,8 +256,10 @@ if HAVE_TRITON:
         tl.store(cnt_ptr + cbase + seg, tl.sum(k32, axis=1), mask=seg_ok)
 
     @triton.jit
-    def _compact_kernel(x_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NSEG, SEG: tl.constexpr):
+    def _compact_kernel(x_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NSEG, SEG: tl.constexpr,
+                        PDL: tl.constexpr = False):
         """Program (p, s): segment s of x [1, K] against thresholds t[p] -> list p, segment s."""
+        _pdl_enter(PDL)
         p = tl.program_id(0)
         s = tl.program_id(1)
         seg = s + tl.arange(0, 1)
@@ -262,10 +275,12 @@ if HAVE_TRITON:
         idx_ptr, xv_ptr, cnt_ptr, w_ptr, out_ptr,
         K, N, NSEG, W0, W1, W2, T1, T2,
         SEG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT. Its loop runs
         ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity, and the index and
         weight-row loads have no dependence on earlier iterations (Triton pipelines them, num_stages deep)."""
+        _pdl_enter(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         p, cols, cmask = _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N, ALIGN)
@@ -300,8 +315,9 @@ def _tiles(widths: list[int], block_n: int) -> list[int]:
 
 def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: list[int],
                        dense: bool = False, config: GemvConfig | None = None, runner=None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the Triton kernel; returns fp32 partials [S, B, N]. `runner` wraps the kernel (e.g. `wrap_triton`)."""
+                       out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+    """Run the Triton kernel; returns fp32 partials [S, B, N]. `runner` wraps the kernel (e.g. `wrap_triton`);
+    `pdl`: programmatic dependent launch (the version-4 decode step)."""
     assert HAVE_TRITON, "triton is not installed"
     B, K = x.shape
     N = wt.shape[1]
@@ -309,8 +325,8 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
     assert x.stride(1) == 1 and 1 <= B <= 16 and 1 <= len(widths) <= 3 and sum(widths) == N
     cfg = config or default_config(K, N, B, dense=dense)
     if is_listed(cfg, B, dense):  # compact once (one small launch), then walk the list
-        idx, xv, cnt = launch_compact(x, t, cfg.kr, runner=runner)
-        return launch_gemv_list(idx, xv, cnt, wt, widths, cfg, out=out, runner=runner)
+        idx, xv, cnt = launch_compact(x, t, cfg.kr, runner=runner, pdl=pdl)
+        return launch_gemv_list(idx, xv, cnt, wt, widths, cfg, out=out, runner=runner, pdl=pdl)
     use_dot = cfg.use_dot or B > 1
     block_b = 16 if use_dot else 1
     w = list(widths) + [0] * (3 - len(widths))
@@ -330,8 +346,14 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
         tiles[0], tiles[0] + tiles[1], n_tiles, ALIGN=_align(widths),
         KR=kr, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=chunk, BLOCK_B=block_b,
         DENSE=dense, USE_DOT=use_dot, COMPACT=cfg.compact, PREFETCH=cfg.prefetch,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl))
     return out
+
+
+def pdl_kwargs(pdl: bool) -> dict:
+    """Launch arguments for programmatic dependent launch: the kernel's PDL constexpr and Triton's launch flag
+    (empty without PDL, so version-3 launches are exactly as before)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {}
 
 
 def is_listed(cfg: GemvConfig, B: int, dense: bool) -> bool:
@@ -394,18 +416,20 @@ def reference_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, 
 
 
 def launch_compact(x: torch.Tensor, t: torch.Tensor, seg: int, bufs: tuple[torch.Tensor, ...] | None = None,
-                   runner=None) -> tuple[torch.Tensor, ...]:
+                   runner=None, pdl: bool = False) -> tuple[torch.Tensor, ...]:
     """x [1, K] against t [P, K] -> (idx, xv, cnt) lists (see `list_buffers`); one program per (p, segment)."""
     P, K = t.shape
     assert x.shape == (1, K) and x.is_contiguous() and t.is_contiguous() and seg & (seg - 1) == 0
     idx, xv, cnt = bufs or list_buffers(P, K, seg, x.device)
     kernel = _compact_kernel if runner is None else runner(_compact_kernel)
-    kernel[(P, cnt.shape[1])](x, t, idx, xv, cnt, K, cnt.shape[1], SEG=seg, num_warps=4 if seg <= 1024 else 8)
+    kernel[(P, cnt.shape[1])](x, t, idx, xv, cnt, K, cnt.shape[1], SEG=seg, num_warps=4 if seg <= 1024 else 8,
+                              **pdl_kwargs(pdl))
     return idx, xv, cnt
 
 
 def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt: torch.Tensor,
-                     widths: list[int], cfg: GemvConfig, out: torch.Tensor | None = None, runner=None) -> torch.Tensor:
+                     widths: list[int], cfg: GemvConfig, out: torch.Tensor | None = None, runner=None,
+                     pdl: bool = False) -> torch.Tensor:
     """Batch-1 sparse GEMV over survivor lists (segments of cfg.kr channels): fp32 partials [NSEG*split, 1, N]."""
     K, N = wt.shape
     assert wt.stride(1) == 1 and wt.stride(0) == N and 1 <= len(widths) <= 3 and sum(widths) == N
@@ -420,5 +444,5 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
     kernel[(sum(tiles), S)](
         idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
         SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl))
     return out
