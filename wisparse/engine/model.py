@@ -11,6 +11,9 @@ Two forward paths, one set of weights:
 * `step()`             one token for B rows at `self.pos`, the sparse GEMV custom op + the fused decode kernels on
                        CUDA (their PyTorch references on CPU), no host syncs; `wisparse.engine.generate` captures
                        it in a CUDA graph.
+                       With `fused=True` (version 4, opt-in; version 3 is the default) the step makes q, k, v and
+                       the cache write inside the attention split kernel, the attention combine writes o's survivor
+                       lists (batch 1), and every Triton launch uses programmatic dependent launch (`pdl`).
 
 Shapes: B batch rows, T tokens, D hidden, H / Hkv heads, Dh head dim, I intermediate, V vocab, L cache length.
 """
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 from ..kernels import decode_ops as ops
 from ..kernels import ops as kops  # also registers torch.ops.wisparse.sparse_gemv
-from ..kernels.sparse_gemv import list_buffers
+from ..kernels.sparse_gemv import HAVE_TRITON, launch_sparse_gemv, list_buffers
 
 # Family adapters: where each family's RoPE class lives. Module names (q_proj ... down_proj) are shared.
 FAMILIES = {
@@ -87,7 +90,7 @@ def rope_tables(config, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Decoder:
-    def __init__(self, config, embed, layers, norm, lm_head, dtype, device):
+    def __init__(self, config, embed, layers, norm, lm_head, dtype, device, fused: bool = False, pdl: bool = True):
         if config.model_type not in FAMILIES:
             raise ValueError(f"model type {config.model_type!r} not supported (supported: {', '.join(FAMILIES)})")
         self.config = config
@@ -109,6 +112,8 @@ class Decoder:
         self.backend = "triton"     # "triton": sparse GEMV op; "cublas": F.linear on the weight views
         self.meter = None           # [n_layers, 4, 3] float64 counts of dropped channels when set
         self.hook = None            # hook(layer, group, x [B, K]) in eager steps (calibration)
+        self.fused = fused          # True: the version-4 step (`_step_fused`); False: version 3 (default)
+        self.pdl = pdl              # version 4 on CUDA: programmatic dependent launch of its Triton kernels
         self._list_bufs: dict = {}  # (group name, segment) -> survivor-list buffers, shared by all layers
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -121,11 +126,12 @@ class Decoder:
     # construction
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, model, share_weights: bool = True) -> "Decoder":
+    def from_hf(cls, model, share_weights: bool = True, fused: bool = False) -> "Decoder":
         """Read a `transformers` Llama/Mistral/Qwen2 model (SparseLinear modules in threshold mode are sparse).
 
         With `share_weights`, each group's weights are copied once into the transposed concatenated layout and the
         model's own parameters are re-pointed to views of it (F.linear works on them unchanged): one copy in memory.
+        `fused`: use the version-4 step (see the module docstring).
         """
         config = model.config
         core = model.model
@@ -160,11 +166,12 @@ class Decoder:
             lm_t = lm_head.t().contiguous()  # stored once, transposed; the model's head becomes a view of it
             model.lm_head.weight.data = lm_t.t()
             lm_head = model.lm_head.weight.detach()
-        return cls(config, core.embed_tokens.weight.detach(), layers, core.norm.weight.detach(), lm_head, dtype, device)
+        return cls(config, core.embed_tokens.weight.detach(), layers, core.norm.weight.detach(), lm_head, dtype, device,
+                   fused=fused)
 
     @classmethod
     def random(cls, name_or_config, device="cuda", dtype=torch.bfloat16, seed: int = 0, num_layers: int | None = None,
-               std: float = 0.02) -> "Decoder":
+               std: float = 0.02, fused: bool = False) -> "Decoder":
         """Random weights (normal, std 0.02 like HF's initializer) for a named shape or a config; dense thresholds."""
         from .shapes import hf_config
 
@@ -194,7 +201,8 @@ class Decoder:
                 gu=group(D, [I, I]), down=group(I, [D]), window=_window(config, i)))
         embed = rnd(config.vocab_size, D)
         lm_head = embed if config.tie_word_embeddings else rnd(D, config.vocab_size).t()
-        return cls(config, embed, layers, torch.ones(D, device=device, dtype=dtype), lm_head, dtype, device)
+        return cls(config, embed, layers, torch.ones(D, device=device, dtype=dtype), lm_head, dtype, device,
+                   fused=fused)
 
     def groups(self):
         """(layer index, group name, Group) for every group, in order."""
@@ -308,9 +316,11 @@ class Decoder:
             self._list_bufs[key] = list_buffers(len(g.widths), K, cfg.kr, self.device)
         return g.t, cfg.kr, self._list_bufs[key], cfg
 
-    def _gemv(self, i: int, gname: str, g: Group, x: torch.Tensor, lists=None) -> torch.Tensor:
+    def _gemv(self, i: int, gname: str, g: Group, x: torch.Tensor, lists=None, pdl: bool = False) -> torch.Tensor:
         """x [B, K] -> partials [S, B, N] (fp32 from the sparse GEMV op, or [1, B, N] in dtype from cuBLAS).
-        `lists` (from `_lists_for`): x's survivor lists, already written by the kernel that produced x."""
+        `lists` (from `_lists_for`): x's survivor lists, already written by the kernel that produced x.
+        `pdl` (version 4, CUDA): the same kernel and configuration, launched directly with programmatic dependent
+        launch instead of through the custom op."""
         sparse = self.sparse and g.sparse
         if self.hook is not None:  # eager only (calibration); never set while capturing
             self.hook(i, gname, x)
@@ -323,11 +333,16 @@ class Decoder:
                                   for p in range(len(g.widths))], dim=-1).unsqueeze(0)
             return F.linear(x, g.wt.t()).unsqueeze(0)
         if lists is not None:
-            return kops.gemv_list(*lists[2], g.wt, g.widths, lists[3])
+            return kops.gemv_list(*lists[2], g.wt, g.widths, lists[3], pdl=pdl)
+        if pdl and x.is_cuda and HAVE_TRITON:
+            cfg = kops.get_config(g.wt.shape[0], g.wt.shape[1], x.shape[0], not sparse)
+            return launch_sparse_gemv(x, g.wt, g.t, g.widths, dense=not sparse, config=cfg, pdl=True)
         return torch.ops.wisparse.sparse_gemv(x, g.wt, g.t, g.widths, not sparse)
 
     def step(self) -> torch.Tensor:
         """Decode one token per row: reads self.tokens [B] at self.pos, writes the cache; returns logits [B, V]."""
+        if self.fused:
+            return self._step_fused()
         h = F.embedding(self.tokens, self.embed)
         lst = self._lists_for(0, "qkv")
         x = ops.add_rmsnorm(h, None, self.layers[0].ln1, self.eps, lists=lst)
@@ -348,6 +363,41 @@ class Decoder:
             x = ops.add_rmsnorm(h, p, self.layers[i + 1].ln1 if i + 1 < n else self.norm, self.eps, lists=lst)
         if self.backend == "triton" and self.lm_head_t is not None:
             return torch.ops.wisparse.sparse_gemv(x, self.lm_head_t, self._dense_t, [self.V], True).sum(0).to(x.dtype)
+        return F.linear(x, self.lm_head)
+
+    def _step_fused(self) -> torch.Tensor:
+        """Version 4 (opt-in): `step` with attention in 2 launches (the split kernel sums the q|k|v partials, applies
+        RoPE and writes the cache; the combine writes o's survivor lists at batch 1) and programmatic dependent
+        launch between the Triton kernels. Batch 1 sparse: 9 launches per layer (version 3: 11)."""
+        pdl = self.pdl and self.device.type == "cuda"
+        h = F.embedding(self.tokens, self.embed)
+        lst = self._lists_for(0, "qkv")
+        x = ops.add_rmsnorm(h, None, self.layers[0].ln1, self.eps, lists=lst, pdl=pdl)
+        n = len(self.layers)
+        for i, lyr in enumerate(self.layers):
+            p = self._gemv(i, "qkv", lyr.qkv, x, lst, pdl)
+            lst = self._lists_for(i, "o")
+            if lst is not None and lst[1] % self.Dh:  # the combine writes whole heads per list segment
+                lst = None
+            a = ops.attention_fused(p, lyr.qkv.bias, self.cos, self.sin, self.pos, self.k_cache[i], self.v_cache[i],
+                                    self.H, self.Hkv, lyr.window, lists=lst, pdl=pdl)
+            p = self._gemv(i, "o", lyr.o, a, lst, pdl)
+            lst = self._lists_for(i, "gu")
+            x = ops.add_rmsnorm(h, p, lyr.ln2, self.eps, lists=lst, pdl=pdl)
+            p = self._gemv(i, "gu", lyr.gu, x, lst, pdl)
+            lst = self._lists_for(i, "down")
+            m = ops.silu_mul(p, self.I, self.dtype, lists=lst, pdl=pdl)
+            p = self._gemv(i, "down", lyr.down, m, lst, pdl)
+            lst = self._lists_for(i + 1, "qkv")
+            x = ops.add_rmsnorm(h, p, self.layers[i + 1].ln1 if i + 1 < n else self.norm, self.eps, lists=lst,
+                                pdl=pdl)
+        if self.backend == "triton" and self.lm_head_t is not None:
+            if pdl and HAVE_TRITON:
+                cfg = kops.get_config(self.D, self.V, x.shape[0], True)
+                p = launch_sparse_gemv(x, self.lm_head_t, self._dense_t, [self.V], dense=True, config=cfg, pdl=True)
+            else:
+                p = torch.ops.wisparse.sparse_gemv(x, self.lm_head_t, self._dense_t, [self.V], True)
+            return p.sum(0).to(x.dtype)
         return F.linear(x, self.lm_head)
 
     def param_counts(self) -> dict[tuple[int, str], list[int]]:

@@ -8,6 +8,10 @@ dtype where HF rounds).
 * qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H, Hkv) -> q [B, H, D] (RoPE'd); writes k, v
 * decode_attention(q, k_cache, v_cache, pos, window) -> o [B, H*D]   (flash-decoding: split over keys + combine)
 * silu_mul(partials, I) -> round(silu(round(gate))) * round(up)      (gate|up fused partials [S, B, 2I])
+* attention_fused(partials, ...) -> o [B, H*D]   version 4 (opt-in): qkv_rope_cache folded into the attention
+  split kernel, and (batch 1) o's survivor lists written by the combine kernel: 2 launches instead of 4
+
+`pdl=True` (version 4) launches with programmatic dependent launch (see `sparse_gemv._pdl_enter`).
 
 add_rmsnorm and silu_mul can also write, for batch 1, the survivor lists of their output for the next sparse GEMV
 (`lists=(t [P, K], seg, (idx, xv, cnt))`, see `sparse_gemv.list_buffers`): the threshold test and the compaction
@@ -20,13 +24,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .sparse_gemv import HAVE_TRITON, reference_compact
+from .sparse_gemv import HAVE_TRITON, pdl_kwargs, reference_compact
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .sparse_gemv import _store_list
+    from .sparse_gemv import _pdl_enter, _store_list
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -92,8 +96,9 @@ if HAVE_TRITON:
     @triton.jit
     def _add_rmsnorm_kernel(h_ptr, p_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NSEG, eps,
                             S: tl.constexpr, HAS_P: tl.constexpr, NS: tl.constexpr, SEG: tl.constexpr,
-                            P_LIST: tl.constexpr):
+                            P_LIST: tl.constexpr, PDL: tl.constexpr = False):
         """One program per row; the row is held as [NS, SEG] (segments of the survivor lists when P_LIST > 0)."""
+        _pdl_enter(PDL)
         b = tl.program_id(0)
         seg = tl.arange(0, NS)
         offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
@@ -176,6 +181,14 @@ if HAVE_TRITON:
         gm = g < G
         d = tl.arange(0, D)
         q = tl.load(q_ptr + ((b * H + hk * G + g) * D)[:, None] + d[None, :], mask=gm[:, None], other=0.0)
+        _attn_keys(q, kc_ptr, vc_ptr, m_ptr, l_ptr, acc_ptr, bh, sp, nsp, lo, hi, L, scale, BLOCK_G, BLOCK_L, D)
+
+    @triton.jit
+    def _attn_keys(q, kc_ptr, vc_ptr, m_ptr, l_ptr, acc_ptr, bh, sp, nsp, lo, hi, L, scale,
+                   BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, D: tl.constexpr):
+        """Online softmax of q [BLOCK_G, D] over keys [lo, hi) of cache row bh; writes m, l, acc of split sp."""
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
         m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
@@ -202,7 +215,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, HKV, NSP,
-                             G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
+                             G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
+                             PDL: tl.constexpr = False):
+        _pdl_enter(PDL)
         bh = tl.program_id(0)
         gi = tl.program_id(1)
         b = bh // HKV
@@ -223,8 +238,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _silu_mul_kernel(p_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, I, NSEG, S: tl.constexpr,
-                         BLOCK: tl.constexpr, LIST: tl.constexpr):
+                         BLOCK: tl.constexpr, LIST: tl.constexpr, PDL: tl.constexpr = False):
         """Program (b, j): channels [j*BLOCK, (j+1)*BLOCK) of row b; with LIST (batch 1) also list segment j."""
+        _pdl_enter(PDL)
         b = tl.program_id(0)
         seg = tl.program_id(1) + tl.arange(0, 1)
         offs = seg[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
@@ -247,11 +263,110 @@ if HAVE_TRITON:
             _store_list(y, keep, offs, seg, seg < NSEG, 0, 0, idx_ptr, xv_ptr, cnt_ptr, BLOCK)
 
 
+    # ------------------------------------------------------------------------------------------------------------
+    # version 4 (opt-in): attention absorbs qkv_rope_cache, and (batch 1) the compaction of o's input
+    # ------------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _qkv_rope_rows(p_ptr, stride_s, bias_ptr, cos_ptr, sin_ptr, pos, col0, rmask, S: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, D: tl.constexpr, dt: tl.constexpr):
+        """Rows [R, D] of one token's q / k / v from the fp32 partials (partial s at p_ptr + s * stride_s, row r at
+        columns col0[r] + [0, D)), with qkv_rope_cache's rounding: sum, + bias, round to dt, RoPE (ROPE) in fp32.
+        The rotate-half partner (column (d + D/2) % D) is summed in the same order, so it is the same number."""
+        HALF: tl.constexpr = D // 2
+        d = tl.arange(0, D)
+        rot = (d + HALF) % D
+        x = tl.zeros((col0.shape[0], D), dtype=tl.float32)
+        xr = tl.zeros((col0.shape[0], D), dtype=tl.float32)
+        for s in tl.static_range(S):  # unrolled: all partial rows in flight at once
+            x += tl.load(p_ptr + s * stride_s + col0[:, None] + d[None, :], mask=rmask[:, None], other=0.0)
+            xr += tl.load(p_ptr + s * stride_s + col0[:, None] + rot[None, :], mask=rmask[:, None], other=0.0)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + col0[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            xr += tl.load(bias_ptr + col0[:, None] + rot[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        x = x.to(dt).to(tl.float32)
+        xr = xr.to(dt).to(tl.float32)
+        if ROPE:
+            c = tl.load(cos_ptr + pos * D + d).to(dt).to(tl.float32)[None, :]
+            sn = tl.load(sin_ptr + pos * D + d).to(dt).to(tl.float32)[None, :]
+            x = tl.where((d < HALF)[None, :], x * c - xr * sn, x * c + xr * sn)
+        return x
+
+    @triton.jit
+    def _attn_qkv_split_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, m_ptr, l_ptr, acc_ptr,
+                               B, N, H, HKV, L, scale, window, SPLIT_L,
+                               S: tl.constexpr, HAS_BIAS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                               BLOCK_L: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
+        """_attn_split_kernel that makes its own q from the qkv partials; the program whose key range holds pos
+        also makes k, v and writes them into the caches (then a CTA barrier: its key loop reads them back)."""
+        _pdl_enter(PDL)
+        bh = tl.program_id(0)  # b * HKV + kv head
+        sp = tl.program_id(1)
+        nsp = tl.num_programs(1)
+        b = bh // HKV
+        hk = bh % HKV
+        dt = kc_ptr.dtype.element_ty
+        pos = tl.load(pos_ptr).to(tl.int32)
+        g = tl.arange(0, BLOCK_G)
+        q = _qkv_rope_rows(p_ptr + b * N, B * N, bias_ptr, cos_ptr, sin_ptr, pos, (hk * G + g) * D, g < G, S,
+                           HAS_BIAS, True, D, dt).to(dt)
+        lo = sp * SPLIT_L
+        if (pos >= lo) & (pos < lo + SPLIT_L):
+            one = tl.arange(0, 1)
+            ok = one < 1
+            d = tl.arange(0, D)
+            row = ((bh * L + pos) * D + d)[None, :]
+            k = _qkv_rope_rows(p_ptr + b * N, B * N, bias_ptr, cos_ptr, sin_ptr, pos, (H + hk) * D + one * 0, ok,
+                               S, HAS_BIAS, True, D, dt)
+            v = _qkv_rope_rows(p_ptr + b * N, B * N, bias_ptr, cos_ptr, sin_ptr, pos, (H + HKV + hk) * D + one * 0,
+                               ok, S, HAS_BIAS, False, D, dt)
+            tl.store(kc_ptr + row, k.to(dt))
+            tl.store(vc_ptr + row, v.to(dt))
+            tl.debug_barrier()  # the cache rows at pos are read by this CTA's key loop below
+        hi = tl.minimum(lo + SPLIT_L, pos + 1)
+        if window > 0:
+            lo = tl.maximum(lo, pos - window + 1)
+        _attn_keys(q, kc_ptr, vc_ptr, m_ptr, l_ptr, acc_ptr, bh, sp, nsp, lo, hi, L, scale, BLOCK_G, BLOCK_L, D)
+
+    @triton.jit
+    def _attn_combine_list_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, H, NSP, NSEG,
+                                  G: tl.constexpr, BLOCK_G: tl.constexpr, NH: tl.constexpr, D: tl.constexpr,
+                                  PDL: tl.constexpr = False):
+        """Batch 1. Program s: query heads [s*NH, (s+1)*NH), i.e. o channels [s*NH*D, (s+1)*NH*D) = list segment s
+        of o's input: combines the splits (max of m, then weighted sums looped over the splits: registers do not
+        grow with the context), writes o and the segment's survivor list (thresholds t [1, H*D])."""
+        _pdl_enter(PDL)
+        s = tl.program_id(0)
+        hq = s * NH + tl.arange(0, NH)
+        hm = hq < H
+        row0 = (hq // G) * NSP * BLOCK_G + hq % G  # split-kernel row of (kv head, split 0, group member)
+        mx = tl.full((NH,), float("-inf"), dtype=tl.float32)
+        for sp in range(NSP):
+            mx = tl.maximum(mx, tl.load(m_ptr + row0 + sp * BLOCK_G, mask=hm, other=float("-inf")))
+        d = tl.arange(0, D)
+        num = tl.zeros((NH, D), dtype=tl.float32)
+        den = tl.zeros((NH,), dtype=tl.float32)
+        for sp in range(NSP):
+            r = row0 + sp * BLOCK_G
+            m = tl.load(m_ptr + r, mask=hm, other=float("-inf"))
+            wgt = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(hm, mx, 0.0)))
+            num += tl.load(acc_ptr + r[:, None] * D + d[None, :], mask=hm[:, None], other=0.0) * wgt[:, None]
+            den += tl.load(l_ptr + r, mask=hm, other=0.0) * wgt
+        y = (num / tl.where(hm, den, 1.0)[:, None]).to(o_ptr.dtype.element_ty)
+        offs = hq[:, None] * D + d[None, :]
+        tl.store(o_ptr + offs, y, mask=hm[:, None])
+        yf = tl.reshape(y, (1, NH * D))
+        of = tl.reshape(offs, (1, NH * D))
+        seg = s + tl.arange(0, 1)
+        t = tl.load(t_ptr + of, mask=of < H * D, other=float("inf"))
+        keep = tl.abs(yf.to(tl.float32)) > t
+        _store_list(yf, keep, of, seg, seg < NSEG, 0, 0, idx_ptr, xv_ptr, cnt_ptr, NH * D)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # dispatchers
 # ----------------------------------------------------------------------------------------------------------------
 def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor, eps: float,
-                lists: tuple | None = None) -> torch.Tensor:
+                lists: tuple | None = None, pdl: bool = False) -> torch.Tensor:
     """h [B, D] (updated in place with the summed partials), returns rmsnorm(h) * w in h's dtype.
     lists = (t [P, D] fp32, seg, (idx, xv, cnt)): batch 1 only; also writes the survivor lists of the result."""
     if not _use_triton(h):
@@ -269,7 +384,7 @@ def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor,
     assert lists is None or (B == 1 and t.shape == (P, D) and cnt.shape == (P, math.ceil(D / seg)))
     _add_rmsnorm_kernel[(B,)](h, partials if partials is not None else h, w, out, t, idx, xv, cnt, B, D,
                               math.ceil(D / seg), eps, S=S, HAS_P=partials is not None, NS=ns, SEG=seg, P_LIST=P,
-                              num_warps=16 if D >= 4096 else 8)
+                              num_warps=16 if D >= 4096 else 8, **pdl_kwargs(pdl))
     return out
 
 
@@ -286,6 +401,11 @@ def qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H: int, Hkv:
     return q
 
 
+def _split_len(L: int) -> int:
+    """Keys per split: <= 64 splits of >= 64 keys (enough programs at short and long contexts)."""
+    return max(64, _np2(math.ceil(L / 64)))
+
+
 def decode_attention(q, k_cache, v_cache, pos, window: int = 0, split_l: int | None = None) -> torch.Tensor:
     """q [B, H, D], caches [B, Hkv, L, D]; keys 0..pos (and > pos - window) -> o [B, H*D]."""
     if not _use_triton(q):
@@ -294,8 +414,8 @@ def decode_attention(q, k_cache, v_cache, pos, window: int = 0, split_l: int | N
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
     BG = max(16, _np2(G))
-    if split_l is None:  # <= 64 splits of >= 64 keys: enough programs at short and long contexts
-        split_l = max(64, _np2(math.ceil(L / 64)))
+    if split_l is None:
+        split_l = _split_len(L)
     nsp = math.ceil(L / split_l)
     m = torch.empty((B * Hkv * nsp * BG,), device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
@@ -308,7 +428,8 @@ def decode_attention(q, k_cache, v_cache, pos, window: int = 0, split_l: int | N
     return o
 
 
-def silu_mul(partials: torch.Tensor, I: int, dtype: torch.dtype, lists: tuple | None = None) -> torch.Tensor:
+def silu_mul(partials: torch.Tensor, I: int, dtype: torch.dtype, lists: tuple | None = None,
+             pdl: bool = False) -> torch.Tensor:
     """partials [S, B, 2I] (gate | up) -> round(silu(round(g))) * round(u) [B, I] in dtype.
     lists = (t [1, I] fp32, seg, (idx, xv, cnt)): batch 1 only; also writes the survivor lists of the result."""
     if not _use_triton(partials):
@@ -324,5 +445,45 @@ def silu_mul(partials: torch.Tensor, I: int, dtype: torch.dtype, lists: tuple | 
     assert lists is None or (B == 1 and t.shape == (1, I) and cnt.shape == (1, math.ceil(I / BLOCK)))
     _silu_mul_kernel[(B, math.ceil(I / BLOCK))](partials, out, t, idx, xv, cnt, B, I, math.ceil(I / BLOCK), S=S,
                                                 BLOCK=BLOCK, LIST=lists is not None,
-                                                num_warps=4 if BLOCK <= 1024 else 8)
+                                                num_warps=4 if BLOCK <= 1024 else 8, **pdl_kwargs(pdl))
     return out
+
+
+def attention_fused(partials: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, H: int, Hkv: int,
+                    window: int = 0, lists: tuple | None = None, pdl: bool = False,
+                    split_l: int | None = None) -> torch.Tensor:
+    """Version 4: qkv_rope_cache + decode_attention in 2 launches (split kernel makes q, k, v itself; combine).
+    partials [S, B, (H+2Hkv)*D] -> o [B, H*D]; k, v written at pos. lists = (t [1, H*D], seg, (idx, xv, cnt), ...)
+    (batch 1, seg a multiple of D): the combine also writes the survivor lists of o (o's listed GEMV input)."""
+    if not _use_triton(partials):
+        q = ref_qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H, Hkv)
+        o = ref_decode_attention(q, k_cache, v_cache, pos, window)
+        if lists is not None:
+            reference_compact(o, lists[0], lists[1], lists[2])
+        return o
+    S, B, N = partials.shape
+    Hkv_, L, D = k_cache.shape[1:]
+    G = H // Hkv
+    BG = max(16, _np2(G))
+    split_l = split_l or _split_len(L)
+    nsp = math.ceil(L / split_l)
+    m = torch.empty((B * Hkv * nsp * BG,), device=partials.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty((B * Hkv * nsp * BG, D), device=partials.device, dtype=torch.float32)
+    kw = pdl_kwargs(pdl)
+    _attn_qkv_split_kernel[(B * Hkv, nsp)](
+        partials, bias if bias is not None else partials, cos, sin, pos, k_cache, v_cache, m, lsum, acc,
+        B, N, H, Hkv, L, D ** -0.5, window, split_l, S=S, HAS_BIAS=bias is not None, G=G, BLOCK_G=BG, BLOCK_L=64,
+        D=D, num_warps=4, **kw)
+    o = torch.empty((B, H * D), device=partials.device, dtype=k_cache.dtype)
+    if lists is None:
+        _attn_combine_kernel[(B * Hkv, G)](m, lsum, acc, o, H, Hkv, nsp, G=G, BLOCK_G=BG,
+                                           BLOCK_S=max(2, _np2(nsp)), D=D, num_warps=4, **kw)
+        return o
+    t, seg, (idx, xv, cnt) = lists[0], lists[1], lists[2]
+    assert B == 1 and seg % D == 0 and t.shape == (1, H * D) and cnt.shape == (1, math.ceil(H * D / seg))
+    _attn_combine_list_kernel[(cnt.shape[1],)](m, lsum, acc, o, t, idx, xv, cnt, H, nsp, cnt.shape[1], G=G,
+                                               BLOCK_G=BG, NH=seg // D, D=D, num_warps=4 if seg <= 1024 else 8,
+                                               **kw)
+    return o
