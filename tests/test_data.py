@@ -57,3 +57,11 @@ def test_token_windows_are_non_overlapping_and_optionally_start_with_bos():
 def test_c4_documents_by_name(data_dir):
     rows = load_rows("c4", data_dir)
     assert len(rows) == 2000 and all(isinstance(r, str) and r for r in rows[:10])
+
+
+def test_development_text_is_wikitext_validation_and_apart_from_test(data_dir):
+    development = role_rows("development", data_dir)
+    evaluation = role_rows("evaluation", data_dir)
+    assert len(development) == 3760 and "Homarus gammarus" in development[1]
+    long_rows = {r.strip() for r in development if len(r.strip()) > 40}
+    assert long_rows and not long_rows & {r.strip() for r in evaluation}

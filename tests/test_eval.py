@@ -49,3 +49,24 @@ def test_report_files(tmp_path):
     json_path, md_path = write_results(tmp_path / "r", {"device": "cpu"}, rows, "title")
     assert "| teal | threshold | uniform | 0.500 | 0.498 | 33.10 |" in md_path.read_text()
     assert markdown_table(rows).count("\n") == 2 and json_path.exists()
+
+
+def test_table_rows_are_cached_and_wisparse_rows_get_a_development_perplexity(tmp_path, builtin, data_dir):
+    import transformers
+
+    from wisparse.eval.table import ppl_table
+
+    _, tokenizer = builtin
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    runs = [("teal", "topk", 0.5), ("wisparse", "topk", 0.5)]
+    common = dict(data_dir=data_dir, eval_windows=1, calib_windows=1, window_len=32, selection_windows=2,
+                  alpha_search="global", dev_windows=1, progress=False, log=lambda line: None)
+    cache = ResultCache(tmp_path / "rows.jsonl")
+    teal, ours = ppl_table(model, tokenizer, runs, cache=cache, **common)
+    assert "dev_ppl" not in teal and math.isfinite(ours["dev_ppl"]) and ours["dev_ppl"] != ours["ppl"]
+    assert abs(ours["sparsity_realised"] - 0.5) < 0.02
+    again = ppl_table(model, tokenizer, runs, cache=ResultCache(tmp_path / "rows.jsonl"), **common)
+    assert again == [teal, ours]

@@ -2,7 +2,8 @@
 
 Roles: `calibration` (thresholds, statistics) and `selection` (alpha and, later, allocation choices) both come
 from WikiText-2 *train* paragraphs, split apart; `evaluation` is WikiText-2 *test*. Nothing chosen from data ever
-sees evaluation text. Files are read from a data directory (argument, else $WISPARSE_DATA_DIR), else from the
+sees evaluation text. `development` (WikiText-2 validation, tokenised) is for choosing between protocols, e.g.
+which alpha selector a benchmark uses, without looking at test perplexity. Files are read from a data directory (argument, else $WISPARSE_DATA_DIR), else from the
 Hugging Face hub; if both fail the error says what was tried.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _read_wikitext_train(path: Path) -> list[str]:
     return [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
 
 
-def _read_wikitext_test(path: Path) -> list[str]:
+def _read_wikitext_lines(path: Path) -> list[str]:
     # Rows exactly as load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"] (see SOURCES.md).
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     return [line if line.strip() else "" for line in lines]
@@ -50,11 +51,16 @@ class DatasetSpec:
 DATASETS = {
     "wikitext2-train": DatasetSpec("wikitext2-train", "wikitext-2/wiki.train.raw.first4444paras.txt",
                                    _read_wikitext_train, ("wikitext", "wikitext-2-raw-v1", "train"), "\n\n"),
-    "wikitext2-test": DatasetSpec("wikitext2-test", "wikitext-2/wiki.test.raw", _read_wikitext_test,
+    "wikitext2-test": DatasetSpec("wikitext2-test", "wikitext-2/wiki.test.raw", _read_wikitext_lines,
                                   ("wikitext", "wikitext-2-raw-v1", "test"), "\n\n"),
+    # the tokenised validation split (<unk>, " @-@ "): not the test text's format, but the same corpus, for
+    # choosing a protocol's settings (e.g. which alpha selector) without looking at test perplexity
+    "wikitext2-valid": DatasetSpec("wikitext2-valid", "wikitext-2/wiki.valid.tokens", _read_wikitext_lines,
+                                   ("wikitext", "wikitext-2-v1", "validation"), "\n\n"),
     "c4": DatasetSpec("c4", "c4/c4_validation_2k.jsonl.gz", _read_c4, ("allenai/c4", "en", "validation"), "\n\n"),
 }
-ROLES = {"calibration": "wikitext2-train", "selection": "wikitext2-train", "evaluation": "wikitext2-test"}
+ROLES = {"calibration": "wikitext2-train", "selection": "wikitext2-train", "evaluation": "wikitext2-test",
+         "development": "wikitext2-valid"}
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -95,7 +101,7 @@ def role_rows(role: str, data_dir: str | os.PathLike | None = None) -> list[str]
     if role not in ROLES:
         raise WisparseError(f"unknown data role {role!r}; choose one of {', '.join(ROLES)}")
     rows = load_rows(ROLES[role], data_dir)
-    if role == "evaluation":
+    if role in ("evaluation", "development"):
         return rows
     split = int(len(rows) * (1 - SELECTION_FRACTION))
     return rows[:split] if role == "calibration" else rows[split:]

@@ -25,8 +25,8 @@ def write_results(path_stem: str | Path, protocol: dict, rows: list[dict], title
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=1, default=str))
-    columns = COLUMNS + tuple(c for c in ("sparsity_model_cats", "by_site", "alpha", "eval_windows", "calib_tokens",
-                                          "calib_seconds") if any(c in r for r in rows))
+    columns = COLUMNS + tuple(c for c in ("dev_ppl", "sparsity_model_cats", "by_site", "alpha", "eval_windows",
+                                          "calib_tokens", "calib_seconds") if any(c in r for r in rows))
     protocol_lines = "\n".join(f"- **{k}**: {v}" for k, v in protocol.items())
     md_path.write_text(f"# {title}\n\n{protocol_lines}\n\n{markdown_table(rows, columns)}\n")
     return json_path, md_path

@@ -34,13 +34,16 @@ def ppl_table(
     alpha_search: str = "block",
     alpha_criterion: str = "kl",
     alpha_min_z: float = 0.0,
+    dev_windows: int = 0,
     sequential: bool = True,
     positions: float = 1.0,
     cache: ResultCache | None = None,
     progress: bool = True,
     log=print,
 ) -> list[dict]:
-    """One row per (method, mode, sparsity) of `runs` (method "dense" for the dense model)."""
+    """One row per (method, mode, sparsity) of `runs` (method "dense" for the dense model). With `dev_windows`,
+    wisparse rows also get `dev_ppl` on WikiText-2 validation windows: a way to compare alpha selectors without
+    test perplexity."""
     from wisparse import bos_id, calibrate
 
     check_alpha_selector(alpha_search, alpha_criterion)
@@ -54,8 +57,12 @@ def ppl_table(
                    sequential=sequential, positions=positions)
     selector = dict(selection_windows=selection_windows, alpha_search=alpha_search, alpha_criterion=alpha_criterion,
                     alpha_grid=DEFAULT_ALPHA_GRID, selector=SELECTOR_VERSION)
-    if alpha_min_z > 0:  # only then, so the rows cached before this option existed still match
+    # added only when set, so the rows cached before these options existed still match
+    if alpha_min_z > 0:
         selector["alpha_min_z"] = alpha_min_z
+    if dev_windows > 0:
+        selector["dev_windows"] = dev_windows
+        development = role_windows("development", tokenizer, window_len, dev_windows, data_dir, bos)
     stats = calib = selection = None
     rows = []
     for method, mode, sparsity in runs:
@@ -78,6 +85,7 @@ def ppl_table(
                 sparsify_(model, config)
             calib_seconds = time.perf_counter() - start
             result = perplexity(model, evaluation, progress=progress)
+            dev = perplexity(model, development, progress=progress) if method == "wisparse" and dev_windows else None
             unsparsify_(model)
             realised = result["sparsity"].get("model", 0.0)
             row = {
@@ -92,6 +100,8 @@ def ppl_table(
                 "by_site": {k: round(v, 3) for k, v in result["sparsity"].get("by_site", {}).items()},
                 "positions": "all" if positions >= 1 else f"last {positions:.0%}",
             }
+            if dev is not None:
+                row["dev_ppl"] = round(dev["ppl"], 3)
             if method == "cats":
                 row["sparsity_nominal_intermediate"] = sparsity
                 row["sparsity_nominal"] = round(sparsity * down_share, 4)
