@@ -122,11 +122,12 @@ def test_sparse_logits_match_transformers(family):
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
-def decode_with_hf_masks(m, mods, toks, use_graph):
+def decode_with_hf_masks(m, mods, toks, use_graph, fused=False):
     """Teacher-forced decode of toks [1, T] by the engine (prefill of token 0, then one step per token, in a CUDA
     graph when `use_graph`), with every projection's mask forced to the one the transformers model computed at that
     position: thresholds -1 (keep) or inf (drop) written into the groups before each step, so the masks are
-    identical by construction. Returns (engine logits, transformers logits) [1, T, V] fp32, fraction dropped."""
+    identical by construction. `fused`: the version-4 step. Returns (engine logits, transformers logits) [1, T, V]
+    fp32, fraction dropped."""
     from wisparse.engine.model import GROUPS
 
     hf_masks = {}
@@ -136,7 +137,7 @@ def decode_with_hf_masks(m, mods, toks, use_graph):
         ref = m(toks).logits.float()
     for sl in mods.values():
         sl.meter = None
-    dec = Decoder.from_hf(m)
+    dec = Decoder.from_hf(m, fused=fused)
     T = toks.shape[1]
     keep = {(i, g): torch.stack([hf_masks[f"{i}.{GROUPS[g][0]}.{name}"][0] for name in GROUPS[g][1]])
             for i, g, _ in dec.groups()}  # [P, T, K]
@@ -167,6 +168,69 @@ def test_sparse_forced_masks_match_transformers(family):
     got, ref, dropped = decode_with_hf_masks(m, mods, toks, use_graph=False)
     assert 0.2 < dropped < 0.9  # actually sparse
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_fused_step_matches_version3_and_transformers(family):
+    """The opt-in version-4 step (fused attention, o lists from the combine): with transformers' masks forced, its
+    logits match transformers' and equal version 3's (on CPU both run the same references, in the same order)."""
+    m = tiny_model(family)
+    mods = sparsify(m)
+    toks = torch.randint(0, 120, (1, 12), generator=torch.Generator().manual_seed(4))
+    got, ref, dropped = decode_with_hf_masks(m, mods, toks, use_graph=False, fused=True)
+    v3, _, _ = decode_with_hf_masks(m, mods, toks, use_graph=False, fused=False)
+    assert 0.2 < dropped < 0.9
+    assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert torch.equal(got, v3)
+
+
+def test_fused_step_dense_batch2_matches_transformers():
+    m = tiny_model("qwen2")
+    toks = torch.randint(0, 120, (2, 14), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(toks).logits
+    dec = Decoder.from_hf(m, fused=True)
+    dec.setup_cache(2, 64)
+    outs = [dec.prefill(toks[:, :6])]
+    for j in range(6, 14):
+        dec.tokens.copy_(toks[:, j])
+        outs.append(dec.step()[:, None])
+        dec.pos += 1
+    assert (torch.cat(outs, 1) - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_bench_v4_rows_glue(monkeypatch):
+    """The benchmark's version-4 rows (CPU stand-in: eager steps, no CUDA): labels, token comparison with the
+    version-3 rows, speedups against the fastest dense row, the Markdown table."""
+    from wisparse.engine import bench
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    cfg = hf_config("llama-3.1-8b", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, vocab_size=100)
+    dec = Decoder.random(cfg, device="cpu", dtype=torch.float32)
+    th = {("uniform", 0.5): calibrate(dec, uniform_levels(dec, 0.5), n_prompts=1, prompt_len=8, steps=4)}
+    prompt = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    gen = GraphGenerator(dec, batch=1, max_len=32, max_new_tokens=8)
+    rows = []
+    for cfg_, sparse in (("dense (triton)", False), ("uniform 0.50", True)):
+        dec.sparse = sparse
+        if sparse:
+            dec.set_thresholds(th[("uniform", 0.5)])
+        r = bench._decode_rows(dec, gen, prompt, 6, 1, cfg_, lambda *a: None)
+        rows.append({"model": "m", "B": 1, "ctx": 8, "config": cfg_, "nominal": 0.5 * sparse, **r})
+    errors = []
+    bench._v4_rows(dec, gen, prompt, 6, 1, "m", th, rows, lambda *a: None, errors)
+    assert errors == []
+    assert not dec.fused
+    v4 = [r for r in rows if r.get("step") == "v4"]
+    assert [r["config"] for r in v4] == ["v4 dense (triton)", "v4 uniform 0.50", "v4 uniform 0.50 no PDL"]
+    assert all(r["tokens_identical_to_v3"] for r in v4)  # CPU: the same references
+    dense = max(r["tok_s"] for r in rows if r["nominal"] == 0)
+    assert all(abs(r["speedup_vs_dense"] - r["tok_s"] / dense) < 1e-9 for r in rows if r["nominal"] > 0)
+    bench._file_decode_rows(res := {"decode": []}, rows, max((r for r in rows if r["nominal"] == 0),
+                                                             key=lambda r: r["tok_s"]))
+    md = bench.markdown({"env": {"gpu": "cpu", "torch": "", "triton": "", "date_utc": ""}, "protocol": {}, **res})
+    assert "## Version 4 step" in md and "| m | v4 uniform 0.50 no PDL |" in md
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -256,29 +320,31 @@ def _gpu_tiny(family, sparse):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_gpu_graph_decode_forced_masks_match_transformers(family):
+@pytest.mark.parametrize("family,fused", [("llama", False), ("mistral", False), ("qwen2", False), ("llama", True),
+                                          ("qwen2", True)])
+def test_gpu_graph_decode_forced_masks_match_transformers(family, fused):
     """Sparse, bf16, batch 1, CUDA graph: with the masks forced identical (transformers' own, per position) the
-    logits must match as closely as the dense engine's do; the flip rate of free masks is test_gpu_mask_flip_rate."""
+    logits must match as closely as the dense engine's do; the flip rate of free masks is test_gpu_mask_flip_rate.
+    fused: the version-4 step (fused attention, o lists from the combine, PDL inside the graph)."""
     m, mods = _gpu_tiny(family, True)
     toks = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0)).cuda()
-    got, ref, dropped = decode_with_hf_masks(m, mods, toks, use_graph=True)
+    got, ref, dropped = decode_with_hf_masks(m, mods, toks, use_graph=True, fused=fused)
     err = ((got - ref).norm() / ref.norm()).item()
-    _report(f"graph decode vs transformers {family} sparse (dropped {dropped:.3f}), masks forced identical, bf16: "
-            f"rel err {err:.2e}")
+    _report(f"graph decode vs transformers {family} sparse{' v4' if fused else ''} (dropped {dropped:.3f}), masks "
+            f"forced identical, bf16: rel err {err:.2e}")
     assert 0.2 < dropped < 0.9  # actually sparse
     assert err < 0.03, err
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_gpu_graph_decode_matches_transformers(family):
+@pytest.mark.parametrize("family,fused", [("llama", False), ("mistral", False), ("qwen2", False), ("mistral", True)])
+def test_gpu_graph_decode_matches_transformers(family, fused):
     sparse = False
     m, mods = _gpu_tiny(family, sparse)
     toks = torch.randint(0, 1000, (2, 60), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         ref = m(toks).logits.float()
-    dec = Decoder.from_hf(m)
+    dec = Decoder.from_hf(m, fused=fused)
     gen = GraphGenerator(dec, batch=2, max_len=128, max_new_tokens=32)
     dec.prefill(toks[:, :40])
     gen.capture()
@@ -291,7 +357,7 @@ def test_gpu_graph_decode_matches_transformers(family):
     err = ((got - ref[:, 40:]).norm() / ref[:, 40:].norm()).item()
     # bf16: rounding differs from transformers' order of operations (sparse: the forced-mask test above)
     assert err < 0.03, err
-    _report(f"graph decode vs transformers {family} dense bf16: rel err {err:.2e}")
+    _report(f"graph decode vs transformers {family} dense{' v4' if fused else ''} bf16: rel err {err:.2e}")
 
 
 def _report(line):
@@ -345,13 +411,17 @@ def test_gpu_mask_flip_rate(family):
 
 
 @pytest.mark.gpu
-def test_gpu_graph_generation_equals_eager_steps():
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_graph_generation_equals_eager_steps(fused):
     m, _ = _gpu_tiny("qwen2", True)
-    dec = Decoder.from_hf(m)
+    dec = Decoder.from_hf(m, fused=fused)
     toks = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(5)).cuda()
     g1 = GraphGenerator(dec, batch=1, max_len=64, max_new_tokens=24, use_graph=True).generate(toks, 20)
     g2 = GraphGenerator(dec, batch=1, max_len=64, max_new_tokens=24, use_graph=False).generate(toks, 20)
     assert torch.equal(g1, g2)
+    if fused:  # PDL changes when kernels start, not what they compute: the same tokens as without it
+        dec.pdl = False
+        assert torch.equal(GraphGenerator(dec, batch=1, max_len=64, max_new_tokens=24).generate(toks, 20), g1)
 
 
 def _builtin():

@@ -200,6 +200,28 @@ INTERP = textwrap.dedent("""
         lists_ok &= same_lists(bufs, reference_compact(y, t, seg), seg) and 0 < int(bufs[2].sum()) < I
         if dt == torch.float32:
             e.append(both(ops.silu_mul, pp, I, dt))
+    # version 4: attention_fused (split kernel makes q, k, v and writes the caches; combine, or at batch 1 the
+    # combine that writes o's survivor lists) against qkv_rope_cache + decode_attention (+ compaction), fp32
+    for (B, H, Hkv, D, L, S, pos, win, bias, seg) in ((2, 4, 2, 16, 40, 3, 7, 0, True, None),
+                                                      (1, 8, 2, 16, 130, 3, 129, 0, True, 64),
+                                                      (1, 6, 3, 32, 200, 2, 150, 20, False, 128)):
+        p = torch.randn(S, B, (H + 2 * Hkv) * D)
+        bb = torch.randn((H + 2 * Hkv) * D) if bias else None
+        cos, sin, ps = torch.randn(L, D), torch.randn(L, D), torch.tensor([pos])
+        kc, vc = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+        t = torch.rand(1, H * D) * 0.8
+        got = []
+        for tri in (True, False):
+            ops._use_triton = lambda _, tri=tri: tri
+            k2, v2 = kc.clone(), vc.clone()
+            bufs = list_buffers(1, H * D, seg, "cpu") if seg else None
+            o = ops.attention_fused(p, bb, cos, sin, ps, k2, v2, H, Hkv, win, lists=(t, seg, bufs) if seg else None,
+                                    split_l=64)
+            got.append((o, k2, v2, bufs))
+        (o1, k1, v1, b1), (o2, k2, v2, _) = got
+        e += [(o1 - o2).abs().max().item(), (k1 - k2).abs().max().item(), (v1 - v2).abs().max().item()]
+        if seg:
+            lists_ok &= same_lists(b1, reference_compact(o1, t, seg), seg) and 0 < int(b1[2].sum()) < H * D
     ops._use_triton = use
     print("WORST", worst, max(e), "lists identical", lists_ok)
     sys.exit(0 if worst < 1e-6 and max(e) < 1e-5 and lists_ok else 1)
@@ -248,6 +270,80 @@ def test_gpu_kernel_random_shapes(dtype, B):
             assert not torch.isnan(out).any()
             err = ((out.sum(0).double() - ref).norm() / ref.norm()).item()
             assert err < 1e-5, (K, widths, B, sp, dense, cfg_, err)
+
+
+@pytest.mark.gpu
+def test_gpu_pdl_launches_match_float64():
+    """The version-4 step's GEMV launches (programmatic dependent launch: list GEMV, dense and listed through
+    launch_sparse_gemv) give the same results as without PDL and match float64, inside a CUDA graph too."""
+    from wisparse.kernels.sparse_gemv import launch_compact, launch_gemv_list, launch_sparse_gemv, num_splits
+
+    rng = torch.Generator().manual_seed(7)
+    for c in range(6):
+        K = int(torch.randint(64, 6000, (1,), generator=rng))
+        widths = [int(torch.randint(8, 3000, (1,), generator=rng)) * 8 for _ in range(1 + c % 3)]
+        x, wt, t = _case(K, widths, 1, [0.3, 0.5, 0.9][c % 3], torch.bfloat16, device="cuda", seed=c)
+        cfg = GPU_CONFIGS[5 + c % 3]
+        dense = c % 2 == 1
+        ref = _ref64(x, wt, t, widths, dense=dense)
+        outs = []
+        for pdl in (False, True):
+            out = torch.full((num_splits(K, sum(widths), 1, cfg, dense), 1, sum(widths)), float("nan"), device="cuda")
+            launch_sparse_gemv(x, wt, t, widths, dense=dense, config=cfg, out=out, pdl=pdl)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+        assert ((outs[1].sum(0).double() - ref).norm() / ref.norm()).item() < 1e-5
+        if not dense:  # list GEMV with PDL replayed in a graph, after the compaction launch
+            lists = launch_compact(x, t, cfg.kr, pdl=True)  # compiled and loaded before the capture
+            launch_gemv_list(*lists, wt, widths, cfg, pdl=True)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = launch_gemv_list(*launch_compact(x, t, cfg.kr, bufs=lists, pdl=True), wt, widths, cfg, pdl=True)
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, outs[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gpu_attention_fused_matches_reference(pdl):
+    """Version 4's attention at engine shapes (Llama: H 32, Hkv 8; Qwen2: H 28, Hkv 4 with bias) against
+    qkv_rope_cache + decode_attention references: o, both caches, and o's survivor lists (batch 1)."""
+    from wisparse.kernels import decode_ops as ops
+    from wisparse.kernels.sparse_gemv import list_buffers, reference_compact
+
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    use = ops._use_triton
+    cu = lambda *s: torch.randn(*s, device="cuda")  # noqa: E731
+    try:
+        for B, H, Hkv, bias, seg, L, pos, win in ((1, 32, 8, False, 512, 448, 383, 0), (1, 32, 8, False, 2048, 4200, 4100, 0),
+                                                  (1, 28, 4, True, 1024, 700, 63, 0), (2, 32, 8, False, None, 700, 699, 256),
+                                                  (1, 28, 4, True, 512, 300, 0, 0)):
+            D = 128
+            p, bb = cu(4, B, (H + 2 * Hkv) * D), cu((H + 2 * Hkv) * D).to(dt) if bias else None
+            cos, sin, ps = cu(L, D), cu(L, D), torch.tensor([pos], device="cuda")
+            kc, vc = cu(B, Hkv, L, D).to(dt), cu(B, Hkv, L, D).to(dt)
+            t = (torch.rand(1, H * D, device="cuda") * 0.8).to(dt).float()
+            res = []
+            for tri in (True, False):
+                ops._use_triton = lambda _, tri=tri: tri
+                k2, v2 = kc.clone(), vc.clone()
+                bufs = list_buffers(1, H * D, seg, "cuda") if seg else None
+                o = ops.attention_fused(p, bb, cos, sin, ps, k2, v2, H, Hkv, win, lists=(t, seg, bufs) if seg else None,
+                                        pdl=pdl and tri)
+                res.append((o.float(), k2.float(), v2.float(), bufs))
+            for a, b in zip(res[0][:3], res[1][:3]):
+                assert ((a - b).norm() / b.norm()).item() < 1e-2
+            if seg:
+                bufs, o = res[0][3], res[0][0].to(dt)
+                want = reference_compact(o, t, seg)
+                used = torch.arange(H * D, device="cuda")[None] % seg < bufs[2].repeat_interleave(seg, 1)[:, :H * D]
+                assert torch.equal(bufs[2], want[2]) and torch.equal(bufs[0][used], want[0][used])
+                assert torch.equal(bufs[1][used], want[1][used])
+    finally:
+        ops._use_triton = use
 
 
 @pytest.mark.gpu

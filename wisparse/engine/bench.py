@@ -344,7 +344,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
         nonuniform: bool = True, contexts=(1024, 4096), prompt_len: int = 128, new_tokens: int = 256,
         context_new_tokens: int = 64, runs: int = 3, sweep: bool = True, configs_path: str | None = None,
         budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, sweep_models=None,
-        log=print) -> dict:
+        v4: bool = True, log=print) -> dict:
     import traceback
 
     import triton
@@ -416,7 +416,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
     res["kernels"] = []
     section("kernel_table", _kernel_table, res, log)
     if models:
-        section("step_breakdown", _step_breakdown, res, models[0], log)
+        section("step_breakdown", _step_breakdown, res, models[0], log, v4)
     # batch 1: every level for the first model, 50% for the others; then the first model's other batch sizes (50%)
     # and context lengths
     plan = [(mi, name, (1,), levels if mi == 0 else (tuple(lv for lv in levels if lv == 0.5) or levels[:1]),
@@ -430,7 +430,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
             res["errors"].append({"section": f"decode {name} B={bs} ctx={ctxs}", "error": "skipped: time budget"})
             continue
         section(f"decode {name} B={bs} ctx={ctxs}", _decode_model, res, mi, name, bs, lvs, nonu, ctxs, prompt_len,
-                new_tokens, context_new_tokens, runs, left, log)
+                new_tokens, context_new_tokens, runs, left, log, v4 and mi == 0)
         torch.cuda.empty_cache()
     save()
     return res
@@ -465,7 +465,7 @@ def _kernel_table(res, log) -> None:
                         f"({row['copy_fraction']:.0%} of copy), F.linear {lin['us']:.1f} us")
 
 
-def _step_breakdown(res, name: str, log) -> None:
+def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
     """The decode step's small kernels at batch 1, each timed alone inside a CUDA graph, with the launch
     configurations the sweep installed (partial counts S, list segments) and ~50% survivors: where the non-GEMV
     time of a token goes (run 2: ~0.71 ms per token, ~22 us per layer, outside the GEMVs)."""
@@ -510,6 +510,16 @@ def _step_breakdown(res, name: str, log) -> None:
     ]
     if cfgs["o"].listed:
         items.append(("compaction of o's input", lambda i: launch_compact(a, t_o, cfgs["o"].kr)))
+    v4_items = []
+    if v4:  # version 4's attention (2 launches: replaces qkv_rope_cache, decode_attention and the compaction)
+        lo = ((t_o, cfgs["o"].kr, list_buffers(1, H * Dh, cfgs["o"].kr, dev))
+              if cfgs["o"].listed and cfgs["o"].kr % Dh == 0 else None)
+        for pdl in (False, True):
+            v4_items.append((f"v4 attention_fused (+ o lists){' PDL' if pdl else ''}",
+                             lambda i, pdl=pdl: dops.attention_fused(p_qkv, None, cos, sin, pos, kc, vc, H, Hkv, 0,
+                                                                     lists=lo, pdl=pdl)))
+        v4_items.append(("v4 add_rmsnorm (sum down partials, + qkv lists) PDL",
+                         lambda i: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq, pdl=True)))
     out = []
     for label, fn in items:
         us = _graph_time(fn) * 1e6
@@ -519,6 +529,10 @@ def _step_breakdown(res, name: str, log) -> None:
     log(f"step kernels per layer {total:.1f} us (x {c.num_hidden_layers} layers = {total * c.num_hidden_layers / 1e3:.2f}"
         f" ms per token); partials S {S}")
     res["step_breakdown"] = {"model": name, "partials": S, "kernels": out, "per_layer_us": total}
+    for label, fn in v4_items:  # alone in a graph; with PDL, consecutive launches of the same kernel overlap
+        us = _graph_time(fn) * 1e6
+        res["step_breakdown"]["kernels"].append({"kernel": label, "us": us, "v4": True})
+        log(f"step kernel {label:48s} {us:6.1f} us")
 
 
 def _file_decode_rows(res: dict, rows: list[dict], dense_best: dict) -> None:
@@ -530,8 +544,51 @@ def _file_decode_rows(res: dict, rows: list[dict], dense_best: dict) -> None:
     res["decode"].extend(rows)
 
 
+def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list) -> None:
+    """Version-4 step (opt-in: fused attention, o lists from the combine, PDL) next to version 3's rows of the same
+    run, batch 1: dense (Triton GEMVs) and uniform 0.50, with and without PDL. Each row records whether its greedy
+    tokens equal version 3's for the same thresholds (they may differ late: o equals version 3's to fp32 rounding).
+    Speedups are against the fastest dense row of the loop, version 4's dense included."""
+    v3 = {r["config"]: r for r in rows}
+    dec.backend = "triton"
+    dec.fused = True
+    try:
+        for cfg, sparse, pdl in (("dense (triton)", False, True), ("uniform 0.50", True, True),
+                                 ("uniform 0.50", True, False)):
+            if sparse and ("uniform", 0.5) not in th:
+                continue
+            if sparse:
+                dec.set_thresholds(th[("uniform", 0.5)])
+            dec.sparse, dec.pdl = sparse, pdl
+            label = f"v4 {cfg}" + ("" if pdl else " no PDL")
+            try:
+                r = _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} {label}", log)
+            except Exception as e:  # e.g. PDL refused inside graph capture: record it, try the next row
+                log(f"    {label} FAILED: {type(e).__name__}: {e}")
+                errors.append({"section": f"decode {name} {label}", "error": f"{type(e).__name__}: {e}"})
+                torch.cuda.synchronize()
+                continue
+            ref = v3.get(cfg)
+            same = None if ref is None else bool(torch.equal(r["_tokens"], ref["_tokens"]))
+            row = {"model": name, "B": 1, "ctx": prompt.shape[1], "config": label, "nominal": 0.5 if sparse else 0.0,
+                   "step": "v4", "pdl": pdl, "tokens_identical_to_v3": same, **r}
+            if ref is not None:
+                row["speedup_vs_v3"] = r["tok_s"] / ref["tok_s"]
+                row["realised"] = ref.get("realised", {})
+            rows.append(row)
+            log(f"    v4 tokens identical to v3: {same}; vs v3 {row.get('speedup_vs_v3', float('nan')):.3f}x")
+        dense = max(r["tok_s"] for r in rows if r["nominal"] == 0.0)
+        for r in rows:  # speedups against the fastest dense of the loop (version 4's dense may be the fastest)
+            if r["nominal"] > 0:
+                if "speedup_vs_dense" in r:  # version 3's rows keep their ratio to version 3's dense rows too
+                    r.setdefault("speedup_vs_dense_v3_rows", r["speedup_vs_dense"])
+                r["speedup_vs_dense"] = r["tok_s"] / dense
+    finally:
+        dec.fused, dec.pdl = False, True
+
+
 def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_len, new_tokens, context_new_tokens,
-                  runs, left, log) -> None:
+                  runs, left, log, v4: bool = False) -> None:
     from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
     from .generate import GraphGenerator
     from .model import Decoder
@@ -575,7 +632,11 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
                 log(f"    realised {real['weighted']:.3f} (by group "
                     f"{', '.join(f'{k} {v:.3f}' for k, v in real['by_group'].items())}), "
                     f"speedup {rows[-1]['speedup_vs_dense']:.2f}x")
+            if v4 and B == 1 and left() >= 30:
+                _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"])
+                dense_best = max((r for r in rows if r["nominal"] == 0.0), key=lambda r: r["tok_s"])
         finally:
+            dec.fused = False
             _file_decode_rows(res, rows, dense_best)
             del gen
             torch.cuda.empty_cache()
@@ -622,6 +683,16 @@ def markdown(res: dict) -> str:
                  f"{'' if real is None else f'{real:.3f}'} | {r['tok_s']:.1f} | "
                  f"{r.get('speedup_vs_dense', r['tok_s'] / r['dense_tok_s']):.2f} | {r['dense_tok_s']:.1f} "
                  f"({r.get('dense_path', '')}) | {r['prefill_ms']:.1f} |")
+    v4 = [r for r in res.get("decode", []) if r.get("step") == "v4"]
+    if v4:
+        L += ["", "## Version 4 step (opt-in) next to version 3 (same run, batch 1)", "",
+              "Version 4: attention split makes q/k/v (RoPE, cache write), combine writes o's survivor lists, "
+              "programmatic dependent launch (PDL) between the step's Triton kernels; 9 launches per layer at 50% "
+              "(version 3: 11). Speedups vs dense use the fastest dense row, version 4's included.", "",
+              "| model | config | tok/s | x version 3 | x dense | tokens identical to version 3 |", "|---|---|---|---|---|---|"]
+        L += [f"| {r['model']} | {r['config']} | {r['tok_s']:.1f} | {r.get('speedup_vs_v3', float('nan')):.3f} | "
+              f"{r.get('speedup_vs_dense', r['tok_s'] / r['dense_tok_s']):.2f} | {r.get('tokens_identical_to_v3')} |"
+              for r in v4]
     L += ["", "## Kernels inside CUDA graphs (bf16; bytes actually read = surviving weight rows + x + thresholds + "
           "fp32 partials)", "",
           "| matrix [out x in] | B | path | nominal sparsity | realised | us | TB/s | of copy BW | F.linear time / this |",
@@ -634,8 +705,9 @@ def markdown(res: dict) -> str:
         sb = res["step_breakdown"]
         L += ["", f"## The decode step's small kernels ({sb['model']}, batch 1, each alone inside a CUDA graph; "
               f"partials S {sb['partials']})", "", "| kernel | us |", "|---|---|"]
-        L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"]]
-        L.append(f"| per layer | {sb['per_layer_us']:.1f} |")
+        L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if not r.get("v4")]
+        L.append(f"| per layer (version 3) | {sb['per_layer_us']:.1f} |")
+        L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if r.get("v4")]
     if res.get("errors"):
         L += ["", "## Errors / skipped sections", ""] + [f"- {x['section']}: {x['error']}" for x in res["errors"]]
     L += ["", "## Launch configurations chosen by the sweep (block_n, kr, block_k, warps, stages, dot, compact, "
@@ -667,6 +739,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--configs", default=None, help="JSON of launch configs from an earlier run (skips the sweep)")
     ap.add_argument("--sweep-models", default="", help="extra named shapes whose matrices the sweep also tunes")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop optional rows after this many seconds")
+    ap.add_argument("--no-v4", action="store_true",
+                    help="skip the opt-in version-4 step rows (first model, batch 1: dense and 0.50, PDL on/off)")
     ap.add_argument("--out", default="benchmarks/results/decode_h200", help="output path stem (.json and .md)")
 
 
@@ -678,7 +752,7 @@ def run_from_args(a) -> dict:
               levels=tuple(float(v) for v in a.levels.split(",") if v), nonuniform=not a.no_nonuniform,
               contexts=ints(a.contexts), prompt_len=a.prompt_len, new_tokens=a.new_tokens, runs=a.runs,
               sweep=not a.no_sweep, configs_path=a.configs, budget_s=a.budget_s,
-              sweep_models=tuple(v for v in a.sweep_models.split(",") if v),
+              sweep_models=tuple(v for v in a.sweep_models.split(",") if v), v4=not a.no_v4,
               out_json=a.out + ".json", out_md=a.out + ".md")
     print(markdown(res))
     return res

@@ -1,6 +1,7 @@
 """Compile the Triton kernels ahead of time for an H100/H200 (sm_90) on a machine without a GPU.
 
     python -m wisparse.kernels.aot            # every configuration the benchmark sweeps, and the decode kernels
+    python -m wisparse.kernels.aot --v4       # only the version-4 step's kernels (fused attention, PDL builds)
 
 For each compiled variant it prints registers per thread, spills (local memory / stack bytes), shared memory, and
 how the weight loads were compiled: `cp.async` (Triton's software pipeline: loads of later iterations in flight
@@ -30,12 +31,13 @@ def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, num_warps: 
     """Compile `kernel` for sm_90; arguments not in `pointers` / `constexprs` are i32 (those in `divisible`
     marked divisible by 16, as Triton's launcher specialises them). Returns resource use and load kinds."""
     names = list(inspect.signature(kernel.fn).parameters)
-    sig = {n: pointers.get(n, "constexpr" if n in constexprs else ("fp32" if n == "eps" else "i32")) for n in names}
+    sig = {n: pointers.get(n, "constexpr" if n in constexprs else ("fp32" if n in ("eps", "scale") else "i32"))
+           for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in divisible}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()},
                     attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
-                                                                           num_stages=num_stages))
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=bool(constexprs.get("PDL", False))))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(c.asm["cubin"])
         f.flush()
@@ -129,10 +131,37 @@ def _decode_variants():
                4 if seg <= 1024 else 8, 1)
 
 
-def main() -> list[dict]:
+def _v4_variants():
+    """Version 4 (opt-in step): the fused attention kernels, and the PDL builds of the kernels it shares."""
+    att = {"p_ptr": "*fp32", "bias_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64",
+           "kc_ptr": "*bf16", "vc_ptr": "*bf16", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
+    for S, bias, G in ((4, False, 4), (8, False, 4), (2, False, 4), (7, True, 7), (4, True, 7)):
+        yield (f"v4 attn_qkv_split S={S} bias={bias} G={G} PDL", dops._attn_qkv_split_kernel, att,
+               dict(S=S, HAS_BIAS=bias, G=G, BLOCK_G=16, BLOCK_L=64, D=128, PDL=True), 4, 3)
+    comb = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16", "t_ptr": "*fp32",
+            "idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32"}
+    for seg, G in ((512, 4), (1024, 4), (2048, 4), (4096, 4), (512, 7), (1024, 7)):
+        yield (f"v4 attn_combine_list seg={seg} G={G} PDL", dops._attn_combine_list_kernel, comb,
+               dict(G=G, BLOCK_G=16, NH=seg // 128, D=128, PDL=True), 4 if seg <= 1024 else 8, 3)
+    yield ("v4 attn_combine (batch > 1) PDL", dops._attn_combine_kernel,
+           {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16"},
+           dict(G=4, BLOCK_G=16, BLOCK_S=8, D=128, PDL=True), 4, 3)
+    for label, kern, ptr, const, nw, ns in (*_list_variants(), *_decode_variants()):
+        if "lists=0" in label or "list=False" in label:
+            continue
+        yield ("v4 " + label + " PDL", kern, ptr, {**const, "PDL": True}, nw, ns)
+    dense = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*i32"}
+    yield ("v4 gemv dense bn=128 kr=1024 bk=64 w=4 st=3 PDL", sg._sparse_gemv_kernel, dense,
+           dict(ALIGN=8, KR=1024, BLOCK_N=128, BLOCK_K=64, CHUNK=1024, BLOCK_B=16, DENSE=True, USE_DOT=True,
+                COMPACT=False, PREFETCH=False, PDL=True), 4, 3)
+
+
+def main(v4_only: bool = False) -> list[dict]:
+    """Compile and report every variant (`--v4`: only version 4's)."""
     rows = []
-    for label, kern, ptr, const, nw, ns in (*_list_variants(), *_old_variants(), *_test_variants(),
-                                            *_decode_variants()):
+    variants = (*_v4_variants(),) if v4_only else (*_list_variants(), *_old_variants(), *_test_variants(),
+                                                    *_decode_variants(), *_v4_variants())
+    for label, kern, ptr, const, nw, ns in variants:
         try:
             r = compile_sm90(kern, ptr, const, nw, ns, divisible=("K", "N", "D", "W0", "W1", "stride_xb"))
             line = (f"{label:62s} regs {r['regs']:3d}  spill(local {r['local']}, stack {r['stack']})  "
@@ -147,4 +176,6 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(v4_only="--v4" in sys.argv[1:])
