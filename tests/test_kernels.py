@@ -281,7 +281,7 @@ def test_gpu_pdl_launches_match_float64():
     rng = torch.Generator().manual_seed(7)
     for c in range(6):
         K = int(torch.randint(64, 6000, (1,), generator=rng))
-        widths = [int(torch.randint(8, 3000, (1,), generator=rng)) * 8 for _ in range(1 + c % 3)]
+        widths = [int(torch.randint(1, 400, (1,), generator=rng)) * 8 for _ in range(1 + c % 3)]
         x, wt, t = _case(K, widths, 1, [0.3, 0.5, 0.9][c % 3], torch.bfloat16, device="cuda", seed=c)
         cfg = GPU_CONFIGS[5 + c % 3]
         dense = c % 2 == 1
