@@ -233,6 +233,60 @@ def test_bench_v4_rows_glue(monkeypatch):
     assert "## Version 4 step" in md and "| m | v4 uniform 0.50 no PDL |" in md
 
 
+def test_bench_sweep_survives_a_shape_where_every_config_fails(monkeypatch):
+    """A shape whose candidates all fail keeps the heuristic; it must not end the sweep (and lose the others')."""
+    from wisparse.engine import bench
+
+    def time_kernel(K, widths, B, sparsity, cfg, dense=False, prelisted=False):
+        if K == 64:
+            raise RuntimeError("out of resources")
+        return {"us": float(cfg.block_n)}
+
+    monkeypatch.setattr(bench, "time_kernel", time_kernel)
+    best = bench.sweep_configs({"64x32x1": (64, [32]), "4096x14336x1": (4096, [14336])}, log=lambda *a: None)
+    assert best and all(k.startswith("4096x14336x1|") for k in best)
+
+
+BENCH_KILLED = """
+import sys, time, torch
+from wisparse.engine import bench
+torch.cuda.get_device_name = lambda *a: "stand-in"
+bench.copy_bandwidth = lambda *a, **k: 1e12
+def check_kernel(log=print):
+    print("READY", flush=True)
+    time.sleep(120)
+bench.check_kernel = check_kernel
+bench.run(models=(), out_json=sys.argv[1] + ".json", out_md=sys.argv[1] + ".md")
+"""
+
+
+def test_bench_saves_results_when_killed(tmp_path):
+    """`timeout` ends the benchmark with SIGTERM: what was measured is saved (JSON and Markdown) before it exits."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")  # bench.run records triton's version
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    stem = str(tmp_path / "out")
+    p = subprocess.Popen([sys.executable, "-c", BENCH_KILLED, stem], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        while (line := p.stdout.readline()) and line.strip() != "READY":  # the first section is running
+            pass
+        assert line.strip() == "READY"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+    res = json.loads(open(stem + ".json").read())
+    assert res["copy_tbps"] == 1.0 and "killed by signal" in res["errors"][-1]["error"]
+    assert "killed by signal" in open(stem + ".md").read()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_generate_matches_transformers_greedy(family):
     m = tiny_model(family)
@@ -491,3 +545,26 @@ def test_cli_glue():
         want = m.generate(Tok()("hello").input_ids, max_new_tokens=5, do_sample=False)[0, 5:].tolist()
     cut = want.index(0) if 0 in want else len(want)
     assert text == " ".join(str(i) for i in want[:cut])
+
+
+def test_engine_generate_falls_back_when_the_generator_cannot_be_built(monkeypatch):
+    from wisparse.engine import generate
+    from wisparse.engine.cli import engine_generate
+
+    class Tok:
+        eos_token_id = None
+
+        def __call__(self, text, return_tensors=None):
+            return type("E", (), {"input_ids": torch.tensor([[1 + ord(c) % 100 for c in text]])})()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(i) for i in ids)
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(generate, "GraphGenerator", broken)
+    m = tiny_model("qwen2")
+    with torch.no_grad():
+        want = m.generate(Tok()("hi").input_ids, max_new_tokens=3, do_sample=False)[0, 2:].tolist()
+    assert engine_generate(m, Tok(), "hi", 3) == " ".join(str(i) for i in want)

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import signal
 import statistics
+import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -245,6 +249,9 @@ def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print, fused: se
                     res.append((r["us"], c))
                 except Exception as e:  # a config that does not compile / fit
                     log(f"  config {c} failed: {type(e).__name__}: {str(e)[:120]}")
+            if not res:  # every candidate failed: this shape keeps the heuristic, the other shapes their sweep
+                log(f"sweep {name} B={B} dense={dense}: no configuration ran")
+                continue
             res.sort()
             us, c = res[0]
             log(f"sweep {name} B={B} dense={dense}: best {c} {us:.1f} us; "
@@ -367,13 +374,22 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
            "errors": [], "decode": []}
 
     def save():
+        """Written after every section and every decode row group (a timeout keeps what was measured). Each file
+        is replaced atomically; a failure to render the Markdown is logged, never raised (the JSON has it all)."""
         res["elapsed_s"] = time.time() - t_start
         if out_json:
-            with open(out_json, "w") as f:
+            with open(out_json + ".tmp", "w") as f:
                 json.dump(res, f, indent=1, default=str)
+            os.replace(out_json + ".tmp", out_json)
         if out_md:
-            with open(out_md, "w") as f:
-                f.write(markdown(res))
+            try:
+                text = markdown(res)
+            except Exception as e:  # noqa: BLE001 - a formatting bug must not end the run
+                log(f"markdown failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                return
+            with open(out_md + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(out_md + ".tmp", out_md)
 
     def section(name, fn, *a):
         try:
@@ -382,8 +398,27 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
             tb = traceback.format_exc()
             log(f"SECTION {name} FAILED: {type(e).__name__}: {e}\n{tb}")
             res["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}", "traceback": tb[-3000:]})
-            torch.cuda.synchronize()
+            try:
+                torch.cuda.synchronize()
+            except Exception as e2:  # noqa: BLE001 - a sticky CUDA error: record it, the next sections will tell
+                log(f"synchronize after {name} failed: {type(e2).__name__}: {e2}")
         save()
+
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep what was measured, then exit at once
+        try:  # whatever happens here (e.g. print re-entered), the process must not go on past the timeout
+            res["errors"].append({"section": "run", "error": f"killed by signal {signum} after "
+                                                             f"{time.time() - t_start:.0f} s (rows of the group in "
+                                                             "progress are lost)"})
+            save()
+            log(f"signal {signum} after {time.time() - t_start:.0f} s: results saved, exiting")
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(128 + signum)
+
+    # `timeout` sends SIGTERM: save what was measured and exit (the CLI run; restored when run returns)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, on_term) if main_thread else None
 
     res["copy_tbps"] = copy_bandwidth() / 1e12
     log(f"GPU {res['env']['gpu']}, copy bandwidth {res['copy_tbps']:.2f} TB/s (read+write)")
@@ -430,9 +465,11 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
             res["errors"].append({"section": f"decode {name} B={bs} ctx={ctxs}", "error": "skipped: time budget"})
             continue
         section(f"decode {name} B={bs} ctx={ctxs}", _decode_model, res, mi, name, bs, lvs, nonu, ctxs, prompt_len,
-                new_tokens, context_new_tokens, runs, left, log, v4 and mi == 0)
+                new_tokens, context_new_tokens, runs, left, log, v4 and mi == 0, save)
         torch.cuda.empty_cache()
     save()
+    if main_thread:
+        signal.signal(signal.SIGTERM, old_term)
     return res
 
 
@@ -588,7 +625,7 @@ def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: li
 
 
 def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_len, new_tokens, context_new_tokens,
-                  runs, left, log, v4: bool = False) -> None:
+                  runs, left, log, v4: bool = False, save=None) -> None:
     from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
     from .generate import GraphGenerator
     from .model import Decoder
@@ -638,6 +675,8 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
         finally:
             dec.fused = False
             _file_decode_rows(res, rows, dense_best)
+            if save:
+                save()
             del gen
             torch.cuda.empty_cache()
     for ctx in contexts:
@@ -661,6 +700,8 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
         rows.append({"model": name, "B": 1, "ctx": ctx, "config": "uniform 0.50", "nominal": 0.5,
                      "speedup_vs_dense": r["tok_s"] / dense_best["tok_s"], **r})
         _file_decode_rows(res, rows, dense_best)
+        if save:
+            save()
         del gen
         torch.cuda.empty_cache()
 

@@ -32,6 +32,7 @@ def engine_generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
         dec = Decoder.from_hf(model)
         model._wisparse_decoder = dec
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dec.device)
+    gen = None  # the fallback below also runs when the generator itself cannot be built
     try:
         gen = GraphGenerator(dec, batch=1, max_len=ids.shape[1] + max_new_tokens + 1, max_new_tokens=max_new_tokens)
         out = gen.generate(ids, max_new_tokens)[0].tolist()
