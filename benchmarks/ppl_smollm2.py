@@ -77,8 +77,6 @@ def main() -> None:
                                       f"search={args.alpha_search}, min_z={args.alpha_min_z:g}",
         "development (wisparse rows, dev_ppl)": (f"WikiText-2 validation (tokenised), first {args.dev_windows} windows"
                                                  if args.dev_windows else "none"),
-        "development (wisparse rows, dev_ppl)": (f"WikiText-2 validation (tokenised), first {args.dev_windows} windows"
-                                                 if args.dev_windows else "none"),
         "positions sparsified": "all", "allocation": "uniform (every projection at the nominal level; cats: "
                                                       "the MLP intermediate only)",
         "sparsity_realised": "parameter-weighted over the 7 projections, measured on the evaluation tokens",
