@@ -89,7 +89,7 @@ def selection_loss(model: nn.Module, windows: torch.Tensor, criterion: str,
     """Mean per-token loss of the whole model (as it is now, dense or sparsified) on `windows`."""
     device = next(model.parameters()).device
     total = sum(_window_loss(criterion, w, ref, model(input_ids=w[None].to(device), use_cache=False).logits[0])
-                for w, ref in zip(windows, reference))
+                for w, ref in zip(windows, reference, strict=True))
     return total / _scored_tokens(criterion, windows)
 
 
