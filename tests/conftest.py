@@ -70,3 +70,19 @@ def data_dir():
     if not HAVE_DATA:
         pytest.skip("needs the offline data directory ($WISPARSE_DATA_DIR)")
     return DATA_DIR
+
+
+def crash_at_block(monkeypatch, index: int):
+    """Make `BlockRunner.advance` raise KeyboardInterrupt when it reaches block `index` (a simulated crash of a
+    long block-by-block job); returns the original method, to put back before resuming."""
+    from wisparse.calibrate import BlockRunner
+
+    original = BlockRunner.advance
+
+    def advance_then_die(self, block):
+        if block == index:
+            raise KeyboardInterrupt
+        original(self, block)
+
+    monkeypatch.setattr(BlockRunner, "advance", advance_then_die)
+    return original

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import crash_at_block, tiny_model
 
 from wisparse.alpha import dense_reference, select_alphas, selection_loss
 from wisparse.calibrate import collect_stats
@@ -88,14 +88,7 @@ def test_interrupted_alpha_search_resumes_to_the_same_choice(tmp_path, monkeypat
     reference, reference_record = select_alphas(model, stats, selection, "threshold", sparsities, progress=False)
     full_run_losses = len(calls)
     path = tmp_path / "alpha.json"
-    original_advance = alpha_module.BlockRunner.advance
-
-    def advance_then_die(self, index):
-        if index == 2:
-            raise KeyboardInterrupt
-        original_advance(self, index)
-
-    monkeypatch.setattr(alpha_module.BlockRunner, "advance", advance_then_die)
+    original_advance = crash_at_block(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         select_alphas(model, stats, selection, "threshold", sparsities, checkpoint=path, progress=False)
     assert not any(isinstance(m, SparseLinear) for m in model.modules())  # dense again, even when interrupted

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import crash_at_block, tiny_model
 
 from wisparse.calibrate import collect_stats, recalibrate_sequential
 from wisparse.eval.sparsity import SparsityMeter
@@ -59,26 +59,17 @@ def test_dense_pass_thresholds_drift_upstream_sparsity_is_what_sequential_fixes(
 
 
 def test_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, model_and_windows, monkeypatch):
-    import sys
-
-    calibrate_module = sys.modules["wisparse.calibrate"]  # the module; wisparse.calibrate is the API function
+    from wisparse.calibrate import BlockRunner
     from wisparse.errors import WisparseError
 
     model, windows = model_and_windows
     path = tmp_path / "stats.pt"
     reference = collect_stats(model, windows, progress=False)
-    original_advance = calibrate_module.BlockRunner.advance
-
-    def advance_then_die(self, index):
-        if index == 2:
-            raise KeyboardInterrupt
-        original_advance(self, index)
-
-    monkeypatch.setattr(calibrate_module.BlockRunner, "advance", advance_then_die)
+    original_advance = crash_at_block(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         collect_stats(model, windows, progress=False, checkpoint=path, checkpoint_seconds=0)
     assert torch.load(path, weights_only=False)["next_block"] == 2
-    monkeypatch.setattr(calibrate_module.BlockRunner, "advance", original_advance)
+    monkeypatch.setattr(BlockRunner, "advance", original_advance)
     resumed = collect_stats(model, windows, progress=False, checkpoint=path)
     for key, by_alpha in reference.hists.items():
         for alpha, hist in by_alpha.items():
