@@ -200,6 +200,24 @@ INTERP = textwrap.dedent("""
         lists_ok &= same_lists(bufs, reference_compact(y, t, seg), seg) and 0 < int(bufs[2].sum()) < I
         if dt == torch.float32:
             e.append(both(ops.silu_mul, pp, I, dt))
+    # the split norm (two launches of many programs) against the one-program kernel: same h, output and lists
+    for (B, D, P, seg, blk, has_p) in ((2, 300, 0, None, 64, True), (1, 300, 3, 64, 32, True),
+                                       (1, 300, 2, 128, 32, False), (1, 100, 2, 32, 128, True)):
+        ops._use_triton = lambda _: True
+        ops.SUMSQ_BLOCK = blk
+        h, pp, w = torch.randn(B, D), torch.randn(3, B, D) if has_p else None, torch.randn(D)
+        t = torch.rand(max(P, 1), D) * 0.8
+        res = []
+        for split in (True, False):
+            hh = h.clone()
+            bufs = list_buffers(P, D, seg, "cpu") if P else None
+            y = ops.add_rmsnorm(hh, pp, w, 1e-5, lists=(t, seg, bufs) if P else None, split=split)
+            res.append((hh, y, bufs))
+        e += [(res[0][0] - res[1][0]).abs().max().item(), (res[0][1] - res[1][1]).abs().max().item()]
+        if P:
+            lists_ok &= (same_lists(res[0][2], reference_compact(res[0][1], t, seg), seg)
+                         and same_lists(res[0][2], res[1][2], seg) and 0 < int(res[0][2][2].sum()) < P * D)
+    ops.SUMSQ_BLOCK = 256
     # version 4: attention_fused (split kernel makes q, k, v and writes the caches; combine, or at batch 1 the
     # combine that writes o's survivor lists) against qkv_rope_cache + decode_attention (+ compaction), fp32
     for (B, H, Hkv, D, L, S, pos, win, bias, seg) in ((2, 4, 2, 16, 40, 3, 7, 0, True, None),

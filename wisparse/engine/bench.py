@@ -547,6 +547,11 @@ def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
     ]
     if cfgs["o"].listed:
         items.append(("compaction of o's input", lambda i: launch_compact(a, t_o, cfgs["o"].kr)))
+    v3_items = [  # the version-3 norm (one program per row), timed beside the split norm; not in the per-layer sum
+        ("add_rmsnorm one-program (sum o partials, + gate/up lists)",
+         lambda i: dops.add_rmsnorm(h, p_o, w, 1e-5, lists=lg, split=False)),
+        ("add_rmsnorm one-program (sum down partials, + qkv lists)",
+         lambda i: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq, split=False))]
     v4_items = []
     if v4:  # version 4's attention (2 launches: replaces qkv_rope_cache, decode_attention and the compaction)
         lo = ((t_o, cfgs["o"].kr, list_buffers(1, H * Dh, cfgs["o"].kr, dev))
@@ -565,7 +570,12 @@ def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
     total = sum(r["us"] for r in out)
     log(f"step kernels per layer {total:.1f} us (x {c.num_hidden_layers} layers = {total * c.num_hidden_layers / 1e3:.2f}"
         f" ms per token); partials S {S}")
-    res["step_breakdown"] = {"model": name, "partials": S, "kernels": out, "per_layer_us": total}
+    res["step_breakdown"] = {"model": name, "partials": S, "kernels": out, "per_layer_us": total,
+                             "split_norm": dops.SPLIT_NORM}
+    for label, fn in v3_items:
+        us = _graph_time(fn) * 1e6
+        res["step_breakdown"]["kernels"].append({"kernel": label, "us": us, "v3_norm": True})
+        log(f"step kernel {label:48s} {us:6.1f} us")
     for label, fn in v4_items:  # alone in a graph; with PDL, consecutive launches of the same kernel overlap
         us = _graph_time(fn) * 1e6
         res["step_breakdown"]["kernels"].append({"kernel": label, "us": us, "v4": True})
@@ -579,6 +589,37 @@ def _file_decode_rows(res: dict, rows: list[dict], dense_best: dict) -> None:
         r["dense_path"] = dense_best["config"]
         r.pop("_tokens", None)
     res["decode"].extend(rows)
+
+
+def _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, dense_best: dict) -> None:
+    """Side by side with the rows above (same loop, same thresholds, batch 1): the version-3 norm kernel (one
+    program per row) in place of the split norm (two launches of many programs), dense (Triton GEMVs) and 0.50."""
+    from ..kernels import decode_ops as dops
+
+    split_rows = {r["config"]: r for r in rows}
+    dops.SPLIT_NORM = False
+    try:
+        for cfg, sparse in (("dense (triton)", False), ("uniform 0.50", True)):
+            if sparse and ("uniform", 0.5) not in th:
+                continue
+            if sparse:
+                dec.set_thresholds(th[("uniform", 0.5)])
+            dec.backend, dec.sparse = "triton", sparse
+            r = _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} {cfg} one-program norm", log)
+            row = {"model": name, "B": 1, "ctx": prompt.shape[1], "config": f"{cfg}, one-program norm (v3)",
+                   "nominal": 0.5 if sparse else 0.0, "norm": "one-program", **r}
+            ref = split_rows.get(cfg)
+            if ref is not None:
+                row["split_norm_speedup"] = ref["tok_s"] / r["tok_s"]
+                row["tokens_identical_to_split_norm"] = bool(torch.equal(r["_tokens"], ref["_tokens"]))
+                row["realised"] = ref.get("realised", {})
+            if sparse:
+                row["speedup_vs_dense"] = r["tok_s"] / dense_best["tok_s"]
+            rows.append(row)
+            log(f"    split norm vs one-program: {row.get('split_norm_speedup', float('nan')):.3f}x; tokens identical "
+                f"{row.get('tokens_identical_to_split_norm')}")
+    finally:
+        dops.SPLIT_NORM = True
 
 
 def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list) -> None:
@@ -669,6 +710,8 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
                 log(f"    realised {real['weighted']:.3f} (by group "
                     f"{', '.join(f'{k} {v:.3f}' for k, v in real['by_group'].items())}), "
                     f"speedup {rows[-1]['speedup_vs_dense']:.2f}x")
+            if B == 1 and left() >= 30:
+                _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, dense_best)
             if v4 and B == 1 and left() >= 30:
                 _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"])
                 dense_best = max((r for r in rows if r["nominal"] == 0.0), key=lambda r: r["tok_s"])
@@ -734,6 +777,12 @@ def markdown(res: dict) -> str:
         L += [f"| {r['model']} | {r['config']} | {r['tok_s']:.1f} | {r.get('speedup_vs_v3', float('nan')):.3f} | "
               f"{r.get('speedup_vs_dense', r['tok_s'] / r['dense_tok_s']):.2f} | {r.get('tokens_identical_to_v3')} |"
               for r in v4]
+    one = [r for r in res.get("decode", []) if r.get("norm") == "one-program"]
+    if one:
+        L += ["", "## Split norm (two launches of many programs) against the one-program norm (same run, batch 1)", "",
+              "| model | config | tok/s | split norm / this | tokens identical to the split norm's |", "|---|---|---|---|---|"]
+        L += [f"| {r['model']} | {r['config']} | {r['tok_s']:.1f} | {r.get('split_norm_speedup', float('nan')):.3f} | "
+              f"{r.get('tokens_identical_to_split_norm')} |" for r in one]
     L += ["", "## Kernels inside CUDA graphs (bf16; bytes actually read = surviving weight rows + x + thresholds + "
           "fp32 partials)", "",
           "| matrix [out x in] | B | path | nominal sparsity | realised | us | TB/s | of copy BW | F.linear time / this |",
@@ -746,8 +795,10 @@ def markdown(res: dict) -> str:
         sb = res["step_breakdown"]
         L += ["", f"## The decode step's small kernels ({sb['model']}, batch 1, each alone inside a CUDA graph; "
               f"partials S {sb['partials']})", "", "| kernel | us |", "|---|---|"]
-        L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if not r.get("v4")]
-        L.append(f"| per layer (version 3) | {sb['per_layer_us']:.1f} |")
+        L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if not (r.get("v4") or r.get("v3_norm"))]
+        L.append(f"| per layer (version 3 step{', split norm' if sb.get('split_norm') else ''}) | "
+                 f"{sb['per_layer_us']:.1f} |")
+        L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if r.get("v3_norm")]
         L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if r.get("v4")]
     if res.get("errors"):
         L += ["", "## Errors / skipped sections", ""] + [f"- {x['section']}: {x['error']}" for x in res["errors"]]

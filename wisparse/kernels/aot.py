@@ -121,6 +121,16 @@ def _decode_variants():
                 yield (f"add_rmsnorm D={D} seg={seg} lists={P} partials={S}", dops._add_rmsnorm_kernel,
                        {"h_ptr": "*bf16", "p_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", **lst},
                        dict(S=S, HAS_P=True, NS=ns, SEG=seg, P_LIST=P), 16, 1)
+    for S, has_p in ((8, True), (7, True), (4, True), (0, False)):  # the split norm (default)
+        yield (f"add_sumsq block={dops.SUMSQ_BLOCK} partials={S}", dops._add_sumsq_kernel,
+               {"h_ptr": "*bf16", "p_ptr": "*fp32", "ss_ptr": "*fp32"},
+               dict(S=max(S, 1), HAS_P=has_p, BLOCK=dops.SUMSQ_BLOCK), 2, 1)
+    for D in (4096, 3584):
+        for seg, P in ((1024, 0), (256, 3), (512, 3), (1024, 3), (2048, 3), (1024, 2), (2048, 2), (4096, 3)):
+            nb = -(-D // dops.SUMSQ_BLOCK)
+            yield (f"norm_lists D={D} seg={seg} lists={P}", dops._norm_lists_kernel,
+                   {"h_ptr": "*bf16", "ss_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", **lst},
+                   dict(NB_P2=dops._np2(nb), SEG=seg, P_LIST=P), 4 if seg <= 1024 else 8, 1)
     for block, lists in ((1024, False), (512, True), (1024, True), (2048, True)):
         for S in (2, 4):
             yield (f"silu_mul block={block} list={lists} partials={S}", dops._silu_mul_kernel,

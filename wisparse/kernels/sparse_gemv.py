@@ -351,9 +351,10 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
 
 
 def pdl_kwargs(pdl: bool) -> dict:
-    """Launch arguments for programmatic dependent launch: the kernel's PDL constexpr and Triton's launch flag
-    (empty without PDL, so version-3 launches are exactly as before)."""
-    return {"PDL": True, "launch_pdl": True} if pdl else {}
+    """Launch arguments for programmatic dependent launch: the kernel's PDL constexpr and Triton's launch flag.
+    PDL=False is passed explicitly too: Inductor's `wrap_triton` tracing (torch.compile of the custom op) needs every
+    kernel argument, defaults included (a missing one failed the compile test on the H200, run 3)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def is_listed(cfg: GemvConfig, B: int, dense: bool) -> bool:
