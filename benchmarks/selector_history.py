@@ -10,6 +10,7 @@ no worse than both TEAL and WINA (the issue's criterion), 'x' one where it is wo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -20,7 +21,10 @@ SELECTORS = {  # label -> (cache file, spec fields that identify it)
     "v3: validated, nll, 16 windows": ("ppl_smollm2_cache.jsonl", {"selector": 3}),
     "v4: global, kl, 16 windows": ("ppl_smollm2_cache.jsonl", {"selector": 4, "alpha_search": "global"}),
     "v4: block (grid neighbours), kl, 16 windows (main table)": ("ppl_smollm2_cache.jsonl",
-                                                                  {"selector": 4, "alpha_search": "block"}),
+                                                                  {"selector": 4, "alpha_search": "block",
+                                                                   "alpha_min_z": None}),
+    "v5: v4 + min_z 2 (lost to v4 on dev perplexity)": ("ppl_smollm2_cache.jsonl",
+                                                        {"selector": 4, "alpha_search": "block", "alpha_min_z": 2.0}),
 }
 
 
@@ -35,6 +39,27 @@ def ppl_of(entries: list[dict], method: str, mode: str, level: float, match: dic
                 spec.get(k) == v for k, v in match.items()):
             return entry["result"]["ppl"]
     return None
+
+
+def dev_section(cache: list[dict]) -> list[str]:
+    """The pre-registered choice between candidates scored on WikiText-2 validation (`dev_ppl`): the lower mean log
+    dev perplexity over the 8 points from 0.40 up wins; test perplexity plays no part."""
+    lines = ["## Development perplexity (WikiText-2 validation, 16 x 2048 tokens): the pre-registered choice", "",
+             "| selector | " + " | ".join(f"{m} {lv:.2f}" for m in ("threshold", "topk") for lv in LEVELS[1:])
+             + " | mean log (0.40 up) |", "|" + "---|" * (2 + 2 * len(LEVELS[1:]))]
+    for label, (name, match) in SELECTORS.items():
+        devs = []
+        for mode in ("threshold", "topk"):
+            for level in LEVELS[1:]:
+                hit = [e["result"]["dev_ppl"] for e in cache if e["result"].get("dev_ppl") is not None
+                       and (e["spec"]["method"], e["spec"]["mode"], e["spec"]["sparsity"]) == ("wisparse", mode, level)
+                       and all(e["spec"].get(k) == v for k, v in match.items())]
+                devs.append(hit[0] if hit else None)
+        if name != "ppl_smollm2_cache.jsonl" or any(d is None for d in devs):
+            continue
+        mean_log = sum(math.log(d) for d in devs) / len(devs)
+        lines.append(f"| {label} | " + " | ".join(f"{d:.2f}" for d in devs) + f" | {mean_log:.4f} |")
+    return lines + [""]
 
 
 def main() -> None:
@@ -63,6 +88,7 @@ def main() -> None:
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Levels 0.40-0.70 where wisparse is no worse than both: " + "; ".join(
             f"{label.split(', kl')[0].split(', nll')[0]} {wins[label]}/{counted[label]}" for label in SELECTORS), ""]
+    lines += dev_section(main_cache)
     out = RESULTS / "ppl_smollm2_selector_history.md"
     out.write_text("\n".join(lines))
     print(out.read_text())
