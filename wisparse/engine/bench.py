@@ -108,6 +108,10 @@ SWEEP_LIST = [
     (128, 1024, 64, 4, 5, True, False, False, True, 1), (128, 2048, 64, 4, 5, True, False, False, True, 1),
     (128, 512, 64, 4, 5, True, False, False, True, 1), (128, 4096, 64, 4, 8, True, False, False, True, 2),
     (256, 1024, 64, 8, 5, True, False, False, True, 1), (128, 1024, 32, 4, 8, True, False, False, True, 1),
+    # more programs on short lists (q/k/v and o reached only 1.6-2.3 TB/s in run 3): narrower tiles, shorter
+    # segments, two parts per segment
+    (64, 512, 64, 4, 5, True, False, False, True, 1), (128, 256, 64, 4, 4, True, False, False, True, 1),
+    (128, 1024, 64, 4, 5, True, False, False, True, 2),
 ]
 SWEEP_SPARSE = [(128, 512, 64, 4, 3, True, False, False), (128, 512, 64, 4, 2, True, True, False)] + SWEEP_LIST
 SWEEP_DENSE = [
