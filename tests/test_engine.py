@@ -247,6 +247,38 @@ def test_bench_sweep_survives_a_shape_where_every_config_fails(monkeypatch):
     assert best and all(k.startswith("4096x14336x1|") for k in best)
 
 
+def test_bench_resweep_replaces_only_the_named_batch1_sparse_configs(monkeypatch, tmp_path):
+    """--configs with --resweep: the named shape's batch-1 sparse entry is swept again (new candidates), every other
+    loaded entry is kept as it was."""
+    import json
+
+    from wisparse.engine import bench
+
+    old = {"4096x14336x1|1|0": {"config": [1, 2, 3], "us": 99.0, "all": []},
+           "4096x14336x1|1|1": {"config": [128, 512, 64, 4, 3, True, False, False], "us": 30.0, "all": []},
+           "4096x14336x1|8|0": {"config": [128, 512, 64, 4, 3, True, False, False], "us": 52.0, "all": []}}
+    (tmp_path / "old.json").write_text(json.dumps({"configs": old}))
+    swept = []
+
+    def time_kernel(K, widths, B, sparsity, cfg, dense=False, prelisted=False):
+        swept.append((B, dense))
+        return {"us": 1000.0 / cfg.block_n + cfg.kr / 1e4}
+
+    monkeypatch.setattr(bench, "time_kernel", time_kernel)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *a, **k: 1e12)
+    monkeypatch.setattr(bench, "check_kernel", lambda log=print: {"cases": 0, "worst_rel_err": 0.0, "failures": []})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in")
+    res = bench.run(models=(), configs_path=str(tmp_path / "old.json"), resweep=("4096x14336x1",),
+                    kernel_table=False, log=lambda *a: None)
+    assert swept and set(swept) == {(1, False)}
+    new = res["configs"]["4096x14336x1|1|0"]
+    assert new["config"] == list(min((c for c in bench.SWEEP_SPARSE if bench._fits(4096, 14336, c)),
+                                     key=lambda c: 1000.0 / c[0] + c[1] / 1e4))
+    assert res["configs"]["4096x14336x1|1|1"] == old["4096x14336x1|1|1"]
+    assert res["configs"]["4096x14336x1|8|0"] == old["4096x14336x1|8|0"]
+    assert "kernels" not in res or res["kernels"] == []
+
+
 BENCH_KILLED = """
 import sys, time, torch
 from wisparse.engine import bench

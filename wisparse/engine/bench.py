@@ -232,16 +232,18 @@ def time_linear(K: int, N: int, B: int, dtype=torch.bfloat16, seed: int = 0) -> 
     return {"us": tm * 1e6, "tbps": (wbytes + B * K * 2 + B * N * 2) / tm / 1e12}
 
 
-def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print, fused: set[str] = frozenset()) -> dict:
+def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print, fused: set[str] = frozenset(),
+                  plans=None) -> dict:
     """Best config per (shape, batch, dense): batch 1 sparse at 50% (masked, compact and listed modes), batch 1
     dense, batch 8 sparse at 50% (also used dense for batches 2-8). lm_head shapes (one projection over 30k wide):
     dense only. Listed candidates of shapes in `fused` (inputs made by add_rmsnorm / silu_mul, which write the lists)
-    are timed without the compaction launch; others (the o projection) with it."""
+    are timed without the compaction launch; others (the o projection) with it. `plans`: (batch, dense, candidates)
+    triples to sweep instead of those three."""
     best = {}
     for name, (K, widths) in shapes.items():
         head = len(widths) == 1 and widths[0] >= 30000
         N = sum(widths)
-        for B, dense, cands in ((1, False, SWEEP_SPARSE), (1, True, SWEEP_DENSE), (8, False, SWEEP_BATCH)):
+        for B, dense, cands in plans or ((1, False, SWEEP_SPARSE), (1, True, SWEEP_DENSE), (8, False, SWEEP_BATCH)):
             if head and not (dense and B == 1):
                 continue
             res = []
@@ -355,7 +357,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
         nonuniform: bool = True, contexts=(1024, 4096), prompt_len: int = 128, new_tokens: int = 256,
         context_new_tokens: int = 64, runs: int = 3, sweep: bool = True, configs_path: str | None = None,
         budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, sweep_models=None,
-        v4: bool = True, log=print) -> dict:
+        v4: bool = True, resweep: tuple[str, ...] = (), kernel_table: bool = True, log=print) -> dict:
     import traceback
 
     import triton
@@ -443,6 +445,10 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
             with open(configs_path) as f:
                 best = json.load(f)
             best = best.get("configs", best)  # a results JSON from an earlier run, or a bare configs dict
+            redo = {k: v for k, v in sweep_shapes.items() if k in resweep}
+            if redo:  # batch-1 sparse configurations of these shapes swept again (new candidates)
+                best = {k: v for k, v in best.items() if not (k.split("|")[0] in redo and k.endswith("|1|0"))}
+                best.update(sweep_configs(redo, log=log, fused=fused, plans=((1, False, SWEEP_SPARSE),)))
         elif sweep:
             best = sweep_configs(sweep_shapes, log=log, fused=fused)
         else:
@@ -453,7 +459,8 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
 
     section("configs", configs)
     res["kernels"] = []
-    section("kernel_table", _kernel_table, res, log)
+    if kernel_table:
+        section("kernel_table", _kernel_table, res, log)
     if models:
         section("step_breakdown", _step_breakdown, res, models[0], log, v4)
     # batch 1: every level for the first model, 50% for the others; then the first model's other batch sizes (50%)
@@ -837,6 +844,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop optional rows after this many seconds")
     ap.add_argument("--no-v4", action="store_true",
                     help="skip the opt-in version-4 step rows (first model, batch 1: dense and 0.50, PDL on/off)")
+    ap.add_argument("--resweep", default="",
+                    help="with --configs: shapes (K x N x projections, e.g. 4096x6144x3) whose batch-1 sparse "
+                         "configuration is swept again")
+    ap.add_argument("--no-kernel-table", action="store_true", help="skip the per-kernel timing table")
     ap.add_argument("--out", default="benchmarks/results/decode_h200", help="output path stem (.json and .md)")
 
 
@@ -849,6 +860,7 @@ def run_from_args(a) -> dict:
               contexts=ints(a.contexts), prompt_len=a.prompt_len, new_tokens=a.new_tokens, runs=a.runs,
               sweep=not a.no_sweep, configs_path=a.configs, budget_s=a.budget_s,
               sweep_models=tuple(v for v in a.sweep_models.split(",") if v), v4=not a.no_v4,
+              resweep=tuple(v for v in a.resweep.split(",") if v), kernel_table=not a.no_kernel_table,
               out_json=a.out + ".json", out_md=a.out + ".md")
     print(markdown(res))
     return res
