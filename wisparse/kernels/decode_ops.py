@@ -95,6 +95,32 @@ def ref_decode_attention(q, k_cache, v_cache, pos, window: int = 0):
 if HAVE_TRITON:
 
     @triton.jit
+    def _residual_add(h_ptr, p_ptr, b, B, D, offs, m, S: tl.constexpr, HAS_P: tl.constexpr):
+        """h[b] at offs, plus (HAS_P) round(sum of the S fp32 partial rows), stored back; returns it."""
+        h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
+        if HAS_P:
+            acc = tl.load(p_ptr + b * D + offs, mask=m, other=0.0)
+            for s in tl.static_range(1, S):  # unrolled: all partial rows in flight at once
+                acc += tl.load(p_ptr + (s * B + b) * D + offs, mask=m, other=0.0)
+            h = (h.to(tl.float32) + acc.to(h.dtype).to(tl.float32)).to(h.dtype)
+            tl.store(h_ptr + b * D + offs, h, mask=m)
+        return h
+
+    @triton.jit
+    def _norm_scale(h, rstd, w_ptr, offs, m):
+        """y = w * round(h * rstd), rounded where transformers rounds."""
+        xn = (h.to(tl.float32) * rstd).to(h.dtype)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0)
+        return (w.to(tl.float32) * xn.to(tl.float32)).to(h.dtype)
+
+    @triton.jit
+    def _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG: tl.constexpr):
+        """Survivor list p of y (segments seg) against projection p's thresholds."""
+        t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
+        keep = tl.abs(y.to(tl.float32)) > t
+        _store_list(y, keep, offs, seg, seg < NSEG, p * D, p * NSEG, idx_ptr, xv_ptr, cnt_ptr, SEG)
+
+    @triton.jit
     def _add_rmsnorm_kernel(h_ptr, p_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NSEG, eps,
                             S: tl.constexpr, HAS_P: tl.constexpr, NS: tl.constexpr, SEG: tl.constexpr,
                             P_LIST: tl.constexpr, PDL: tl.constexpr = False):
@@ -104,23 +130,13 @@ if HAVE_TRITON:
         seg = tl.arange(0, NS)
         offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
         m = offs < D
-        h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
-        if HAS_P:
-            acc = tl.zeros((NS, SEG), dtype=tl.float32)
-            for s in tl.static_range(S):  # unrolled: all partial rows in flight at once
-                acc += tl.load(p_ptr + (s * B + b) * D + offs, mask=m, other=0.0)
-            h = (h.to(tl.float32) + acc.to(h.dtype).to(tl.float32)).to(h.dtype)
-            tl.store(h_ptr + b * D + offs, h, mask=m)
+        h = _residual_add(h_ptr, p_ptr, b, B, D, offs, m, S, HAS_P)
         hf = h.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(hf * hf, axis=1), axis=0) / D + eps)
-        xn = (hf * rstd).to(h.dtype)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0)
-        y = (w.to(tl.float32) * xn.to(tl.float32)).to(h.dtype)
+        y = _norm_scale(h, rstd, w_ptr, offs, m)
         tl.store(out_ptr + b * D + offs, y, mask=m)
         for p in tl.static_range(P_LIST):  # batch 1: survivor lists of y for each projection's thresholds
-            t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
-            keep = tl.abs(y.to(tl.float32)) > t
-            _store_list(y, keep, offs, seg, seg < NSEG, p * D, p * NSEG, idx_ptr, xv_ptr, cnt_ptr, SEG)
+            _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
 
     @triton.jit
     def _add_sumsq_kernel(h_ptr, p_ptr, ss_ptr, B, D, NB, S: tl.constexpr, HAS_P: tl.constexpr,
@@ -133,14 +149,7 @@ if HAVE_TRITON:
         j = tl.program_id(1)
         offs = j * BLOCK + tl.arange(0, BLOCK)
         m = offs < D
-        h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
-        if HAS_P:
-            acc = tl.zeros((BLOCK,), dtype=tl.float32)
-            for s in tl.static_range(S):
-                acc += tl.load(p_ptr + (s * B + b) * D + offs, mask=m, other=0.0)
-            h = (h.to(tl.float32) + acc.to(h.dtype).to(tl.float32)).to(h.dtype)
-            tl.store(h_ptr + b * D + offs, h, mask=m)
-        hf = h.to(tl.float32)
+        hf = _residual_add(h_ptr, p_ptr, b, B, D, offs, m, S, HAS_P).to(tl.float32)
         tl.store(ss_ptr + b * NB + j, tl.sum(hf * hf, axis=0))
 
     @triton.jit
@@ -158,15 +167,10 @@ if HAVE_TRITON:
         seg = s + tl.arange(0, 1)
         offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
         m = offs < D
-        h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
-        xn = (h.to(tl.float32) * rstd).to(h.dtype)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0)
-        y = (w.to(tl.float32) * xn.to(tl.float32)).to(h.dtype)
+        y = _norm_scale(tl.load(h_ptr + b * D + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
         tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
         if P_LIST > 0:
-            t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
-            keep = tl.abs(y.to(tl.float32)) > t
-            _store_list(y, keep, offs, seg, seg < NSEG, p * D, p * NSEG, idx_ptr, xv_ptr, cnt_ptr, SEG)
+            _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
