@@ -32,12 +32,14 @@ def load(name: str) -> list[dict]:
     return [json.loads(line) for line in (RESULTS / name).read_text().splitlines() if line.strip()]
 
 
-def ppl_of(entries: list[dict], method: str, mode: str, level: float, match: dict) -> float | None:
+def result_of(entries: list[dict], method: str, mode: str, level: float, match: dict, key: str = "ppl") -> float | None:
+    """`key` of the first row of this method, mode and level whose spec has the `match` fields (None: no such row,
+    or the row lacks `key`)."""
     for entry in entries:
         spec = entry["spec"]
         if (spec["method"], spec["mode"], spec["sparsity"]) == (method, mode, level) and all(
-                spec.get(k) == v for k, v in match.items()):
-            return entry["result"]["ppl"]
+                spec.get(k) == v for k, v in match.items()) and entry["result"].get(key) is not None:
+            return entry["result"][key]
     return None
 
 
@@ -51,10 +53,7 @@ def dev_section(cache: list[dict]) -> list[str]:
         devs = []
         for mode in ("threshold", "topk"):
             for level in LEVELS[1:]:
-                hit = [e["result"]["dev_ppl"] for e in cache if e["result"].get("dev_ppl") is not None
-                       and (e["spec"]["method"], e["spec"]["mode"], e["spec"]["sparsity"]) == ("wisparse", mode, level)
-                       and all(e["spec"].get(k) == v for k, v in match.items())]
-                devs.append(hit[0] if hit else None)
+                devs.append(result_of(cache, "wisparse", mode, level, match, key="dev_ppl"))
         if name != "ppl_smollm2_cache.jsonl" or any(d is None for d in devs):
             continue
         mean_log = sum(math.log(d) for d in devs) / len(devs)
@@ -72,11 +71,11 @@ def main() -> None:
         wins = dict.fromkeys(SELECTORS, 0)
         counted = dict.fromkeys(SELECTORS, 0)
         for level in LEVELS:
-            teal = ppl_of(main_cache, "teal", mode, level, {})
-            wina = ppl_of(main_cache, "wina", mode, level, {})
+            teal = result_of(main_cache, "teal", mode, level, {})
+            wina = result_of(main_cache, "wina", mode, level, {})
             cells = [f"{level:.2f}", f"{teal:.3f}", f"{wina:.3f}"]
             for label, (cache, match) in SELECTORS.items():
-                ppl = ppl_of(load(cache), "wisparse", mode, level, match)
+                ppl = result_of(load(cache), "wisparse", mode, level, match)
                 if ppl is None:
                     cells.append("not run")
                     continue
