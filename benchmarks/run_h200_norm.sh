@@ -11,7 +11,7 @@ timeout 75 python -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py 
     -k "torch_compile or decode_ops or (forced_masks and llama)" > "$OUT/pytest_gpu.log" 2>&1
 tail -3 "$OUT/pytest_gpu.log"
 timeout 140 python benchmarks/decode_h200.py --models llama-3.1-8b --batches 1 --levels 0.4,0.5,0.6 \
-    --no-nonuniform --contexts "" --no-v4 --runs 2 --configs benchmarks/results/decode_h200.json --budget-s 125 \
+    --no-nonuniform --contexts "" --no-v4 --norm-compare --runs 2 --configs benchmarks/results/decode_h200.json --budget-s 125 \
     --out "$OUT/decode_h200_run4" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"
 grep -v "^  " "$OUT/bench.log" | tail -40

@@ -112,6 +112,8 @@ SWEEP_LIST = [
     # segments, two parts per segment
     (64, 512, 64, 4, 5, True, False, False, True, 1), (128, 256, 64, 4, 4, True, False, False, True, 1),
     (128, 1024, 64, 4, 5, True, False, False, True, 2),
+    # long segments with more bytes in flight per program (the big shapes sat at 74.6-75.1% of copy bandwidth)
+    (128, 2048, 32, 4, 8, True, False, False, True, 1), (128, 2048, 128, 8, 3, True, False, False, True, 1),
 ]
 SWEEP_SPARSE = [(128, 512, 64, 4, 3, True, False, False), (128, 512, 64, 4, 2, True, True, False)] + SWEEP_LIST
 SWEEP_DENSE = [
@@ -357,7 +359,8 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
         nonuniform: bool = True, contexts=(1024, 4096), prompt_len: int = 128, new_tokens: int = 256,
         context_new_tokens: int = 64, runs: int = 3, sweep: bool = True, configs_path: str | None = None,
         budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, sweep_models=None,
-        v4: bool = True, resweep: tuple[str, ...] = (), kernel_table: bool = True, log=print) -> dict:
+        v4: bool = True, resweep: tuple[str, ...] = (), kernel_table: bool = True, norm_compare: bool = False,
+        log=print) -> dict:
     import traceback
 
     import triton
@@ -476,7 +479,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
             res["errors"].append({"section": f"decode {name} B={bs} ctx={ctxs}", "error": "skipped: time budget"})
             continue
         section(f"decode {name} B={bs} ctx={ctxs}", _decode_model, res, mi, name, bs, lvs, nonu, ctxs, prompt_len,
-                new_tokens, context_new_tokens, runs, left, log, v4 and mi == 0, save)
+                new_tokens, context_new_tokens, runs, left, log, v4, save, mi == 0, norm_compare)
         torch.cuda.empty_cache()
     save()
     if main_thread:
@@ -633,10 +636,11 @@ def _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, l
         dops.SPLIT_NORM = True
 
 
-def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list) -> None:
+def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list, no_pdl: bool = True) -> None:
     """Version-4 step (opt-in: fused attention, o lists from the combine, PDL) next to version 3's rows of the same
-    run, batch 1: dense (Triton GEMVs) and uniform 0.50, with and without PDL. Each row records whether its greedy
-    tokens equal version 3's for the same thresholds (they may differ late: o equals version 3's to fp32 rounding).
+    run, batch 1: dense (Triton GEMVs) and uniform 0.50, with PDL and (`no_pdl`) without. Each row records whether
+    its greedy tokens equal version 3's for the same thresholds (they may differ late: o equals version 3's to fp32
+    rounding).
     Speedups are against the fastest dense row of the loop, version 4's dense included."""
     v3 = {r["config"]: r for r in rows}
     dec.backend = "triton"
@@ -644,7 +648,7 @@ def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: li
     try:
         for cfg, sparse, pdl in (("dense (triton)", False, True), ("uniform 0.50", True, True),
                                  ("uniform 0.50", True, False)):
-            if sparse and ("uniform", 0.5) not in th:
+            if (sparse and ("uniform", 0.5) not in th) or (not pdl and not no_pdl):
                 continue
             if sparse:
                 dec.set_thresholds(th[("uniform", 0.5)])
@@ -677,7 +681,8 @@ def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: li
 
 
 def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_len, new_tokens, context_new_tokens,
-                  runs, left, log, v4: bool = False, save=None) -> None:
+                  runs, left, log, v4: bool = False, save=None, first: bool = True,
+                  norm_compare: bool = False) -> None:
     from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
     from .generate import GraphGenerator
     from .model import Decoder
@@ -721,10 +726,10 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
                 log(f"    realised {real['weighted']:.3f} (by group "
                     f"{', '.join(f'{k} {v:.3f}' for k, v in real['by_group'].items())}), "
                     f"speedup {rows[-1]['speedup_vs_dense']:.2f}x")
-            if B == 1 and left() >= 30:
+            if norm_compare and B == 1 and left() >= 30:
                 _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, dense_best)
             if v4 and B == 1 and left() >= 30:
-                _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"])
+                _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"], no_pdl=first)
                 dense_best = max((r for r in rows if r["nominal"] == 0.0), key=lambda r: r["tok_s"])
         finally:
             dec.fused = False
@@ -843,7 +848,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--sweep-models", default="", help="extra named shapes whose matrices the sweep also tunes")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop optional rows after this many seconds")
     ap.add_argument("--no-v4", action="store_true",
-                    help="skip the opt-in version-4 step rows (first model, batch 1: dense and 0.50, PDL on/off)")
+                    help="skip the opt-in version-4 step rows (batch 1: dense and 0.50 with PDL; the first model also "
+                         "without PDL)")
+    ap.add_argument("--norm-compare", action="store_true",
+                    help="also decode with the one-program norm (batch 1, dense and 0.50) beside the split norm")
     ap.add_argument("--resweep", default="",
                     help="with --configs: shapes (K x N x projections, e.g. 4096x6144x3) whose batch-1 sparse "
                          "configuration is swept again")
@@ -861,6 +869,6 @@ def run_from_args(a) -> dict:
               sweep=not a.no_sweep, configs_path=a.configs, budget_s=a.budget_s,
               sweep_models=tuple(v for v in a.sweep_models.split(",") if v), v4=not a.no_v4,
               resweep=tuple(v for v in a.resweep.split(",") if v), kernel_table=not a.no_kernel_table,
-              out_json=a.out + ".json", out_md=a.out + ".md")
+              norm_compare=a.norm_compare, out_json=a.out + ".json", out_md=a.out + ".md")
     print(markdown(res))
     return res
