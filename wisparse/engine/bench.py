@@ -637,8 +637,8 @@ def _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, l
 
 
 def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list, no_pdl: bool = True) -> None:
-    """Version-4 step (opt-in: fused attention, o lists from the combine, PDL) next to version 3's rows of the same
-    run, batch 1: dense (Triton GEMVs) and uniform 0.50, with PDL and (`no_pdl`) without. Each row records whether
+    """Version-4 step (the library default: fused attention, o lists from the combine, PDL) next to version 3's rows
+    of the same run, batch 1: dense (Triton GEMVs) and uniform 0.50, with PDL and (`no_pdl`) without. Each row records whether
     its greedy tokens equal version 3's for the same thresholds (they may differ late: o equals version 3's to fp32
     rounding).
     Speedups are against the fastest dense row of the loop, version 4's dense included."""
@@ -688,7 +688,8 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
     from .model import Decoder
 
     torch.manual_seed(0)
-    dec = Decoder.random(name, device="cuda", dtype=torch.bfloat16, seed=mi)
+    # version 3 for the main rows (as in runs 1-6); `_v4_rows` adds version 4 (the library default) beside them
+    dec = Decoder.random(name, device="cuda", dtype=torch.bfloat16, seed=mi, fused=False)
     gprompt = torch.Generator().manual_seed(0)
     th = {}
     lv_list = [("uniform", lv, uniform_levels(dec, lv)) for lv in levels]
@@ -785,7 +786,7 @@ def markdown(res: dict) -> str:
                  f"({r.get('dense_path', '')}) | {r['prefill_ms']:.1f} |")
     v4 = [r for r in res.get("decode", []) if r.get("step") == "v4"]
     if v4:
-        L += ["", "## Version 4 step (opt-in) next to version 3 (same run, batch 1)", "",
+        L += ["", "## Version 4 step (the library default since run 6) next to version 3 (same run, batch 1)", "",
               "Version 4: attention split makes q/k/v (RoPE, cache write), combine writes o's survivor lists, "
               "programmatic dependent launch (PDL) between the step's Triton kernels; 9 launches per layer at 50% "
               "(version 3: 11). Speedups vs dense use the fastest dense row, version 4's included.", "",
@@ -848,7 +849,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--sweep-models", default="", help="extra named shapes whose matrices the sweep also tunes")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop optional rows after this many seconds")
     ap.add_argument("--no-v4", action="store_true",
-                    help="skip the opt-in version-4 step rows (batch 1: dense and 0.50 with PDL; the first model also "
+                    help="skip the version-4 step rows (batch 1: dense and 0.50 with PDL; the first model also "
                          "without PDL)")
     ap.add_argument("--norm-compare", action="store_true",
                     help="also decode with the one-program norm (batch 1, dense and 0.50) beside the split norm")

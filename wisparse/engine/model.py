@@ -11,9 +11,10 @@ Two forward paths, one set of weights:
 * `step()`             one token for B rows at `self.pos`, the sparse GEMV custom op + the fused decode kernels on
                        CUDA (their PyTorch references on CPU), no host syncs; `wisparse.engine.generate` captures
                        it in a CUDA graph.
-                       With `fused=True` (version 4, opt-in; version 3 is the default) the step makes q, k, v and
-                       the cache write inside the attention split kernel, the attention combine writes o's survivor
-                       lists (batch 1), and every Triton launch uses programmatic dependent launch (`pdl`).
+                       With `fused=True` (version 4, the default since run 6 measured it faster on all three named
+                       shapes, dense and at 50%) the step makes q, k, v and the cache write inside the attention
+                       split kernel, the attention combine writes o's survivor lists (batch 1), and every Triton
+                       launch uses programmatic dependent launch (`pdl`). `fused=False`: version 3.
 
 Shapes: B batch rows, T tokens, D hidden, H / Hkv heads, Dh head dim, I intermediate, V vocab, L cache length.
 """
@@ -90,7 +91,7 @@ def rope_tables(config, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Decoder:
-    def __init__(self, config, embed, layers, norm, lm_head, dtype, device, fused: bool = False, pdl: bool = True):
+    def __init__(self, config, embed, layers, norm, lm_head, dtype, device, fused: bool = True, pdl: bool = True):
         if config.model_type not in FAMILIES:
             raise ValueError(f"model type {config.model_type!r} not supported (supported: {', '.join(FAMILIES)})")
         self.config = config
@@ -112,7 +113,7 @@ class Decoder:
         self.backend = "triton"     # "triton": sparse GEMV op; "cublas": F.linear on the weight views
         self.meter = None           # [n_layers, 4, 3] float64 counts of dropped channels when set
         self.hook = None            # hook(layer, group, x [B, K]) in eager steps (calibration)
-        self.fused = fused          # True: the version-4 step (`_step_fused`); False: version 3 (default)
+        self.fused = fused          # True: the version-4 step (`_step_fused`, default); False: version 3
         self.pdl = pdl              # version 4 on CUDA: programmatic dependent launch of its Triton kernels
         self._list_bufs: dict = {}  # (group name, segment) -> survivor-list buffers, shared by all layers
         self.k_cache: list[torch.Tensor] = []
@@ -126,12 +127,12 @@ class Decoder:
     # construction
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, model, share_weights: bool = True, fused: bool = False) -> "Decoder":
+    def from_hf(cls, model, share_weights: bool = True, fused: bool = True) -> "Decoder":
         """Read a `transformers` Llama/Mistral/Qwen2 model (SparseLinear modules in threshold mode are sparse).
 
         With `share_weights`, each group's weights are copied once into the transposed concatenated layout and the
         model's own parameters are re-pointed to views of it (F.linear works on them unchanged): one copy in memory.
-        `fused`: use the version-4 step (see the module docstring).
+        `fused`: the version-4 step (default; False: version 3, see the module docstring).
         """
         config = model.config
         core = model.model
@@ -171,7 +172,7 @@ class Decoder:
 
     @classmethod
     def random(cls, name_or_config, device="cuda", dtype=torch.bfloat16, seed: int = 0, num_layers: int | None = None,
-               std: float = 0.02, fused: bool = False) -> "Decoder":
+               std: float = 0.02, fused: bool = True) -> "Decoder":
         """Random weights (normal, std 0.02 like HF's initializer) for a named shape or a config; dense thresholds."""
         from .shapes import hf_config
 
@@ -366,7 +367,7 @@ class Decoder:
         return F.linear(x, self.lm_head)
 
     def _step_fused(self) -> torch.Tensor:
-        """Version 4 (opt-in): `step` with attention in 2 launches (the split kernel sums the q|k|v partials, applies
+        """Version 4 (the default): `step` with attention in 2 launches (the split kernel sums the q|k|v partials, applies
         RoPE and writes the cache; the combine writes o's survivor lists at batch 1) and programmatic dependent
         launch between the Triton kernels. Batch 1 sparse: 9 launches per layer (version 3: 11)."""
         pdl = self.pdl and self.device.type == "cuda"
