@@ -12,7 +12,8 @@
 # Then two device calls back to back (the machine keeps /tmp only while warm, 30 s after a call):
 #   1. carry [".stage/c1"], command: mkdir -p /tmp/stage && cp .stage/c1/chunk_aa /tmp/stage/
 #   2. carry [".stage/c2", ".stage/data", ".stage/cache", ".whl"], command: bash benchmarks/ppl_h200.sh
-# Copy the returned files into benchmarks/results/. Rows already in the cache are not recomputed.
+# Copy the returned files into benchmarks/results/. Rows already in the cache are not recomputed. From scratch the
+# table takes about 25 minutes of device time (a wisparse row 50-135 s with 48 selection windows), so 3-4 calls.
 set -u
 export PYTHONPATH=/tmp/site:$PWD WISPARSE_CACHE=/tmp/wcache PYTHONUNBUFFERED=1
 G=/tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -24,6 +25,6 @@ fi
 [ -f .stage/cache/ppl_cache.jsonl ] && cp .stage/cache/ppl_cache.jsonl $OUT/ppl_cache.jsonl
 # timeout: whatever finished is in the row cache, which still comes back, if the call's limit is near
 timeout "${PPL_TIMEOUT:-420}" python3 benchmarks/ppl_smollm2.py --model $G --data-dir .stage/data --device cuda \
-  --selector-ablation "${SELECTOR_ABLATION-global:kl}" ${PPL_ARGS:-} \
+  --selector-ablation "${SELECTOR_ABLATION-}" ${PPL_ARGS:-} \
   --out $OUT/ppl_smollm2 --cache $OUT/ppl_cache.jsonl > $OUT/log.txt 2>&1
 rc=$?; grep -v -i -E "warn|it/s" $OUT/log.txt | tail -50; exit $rc

@@ -7,8 +7,9 @@ With --selector-ablation, the wisparse rows are also computed with other alpha s
 and written side by side to OUT_selectors.{json,md}. With --dev-windows, every wisparse row also records its
 perplexity on WikiText-2 validation windows (dev_ppl), so selectors can be compared without test perplexity.
 
-The committed results came from the H200 through benchmarks/ppl_h200.sh (about 12 minutes of device time in all,
-resumed through the row cache); on a 2-core CPU the full table would take many hours.
+The committed results came from the H200 through benchmarks/ppl_h200.sh, resumed through the row cache over several
+device calls (the wisparse rows with 48 selection windows take 50-135 s each there); on a 2-core CPU the full table
+would take many hours.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--calib-windows", type=int, default=16)
-    parser.add_argument("--selection-windows", type=int, default=16)
+    parser.add_argument("--selection-windows", type=int, default=48,
+                        help="alpha selection windows (48: the pre-registered v6 that won on dev text, NOTES_ppl.md)")
     parser.add_argument("--window-len", type=int, default=2048)
     parser.add_argument("--levels", default="0.25,0.4,0.5,0.6,0.7")
     parser.add_argument("--cats-levels", default="0.5,0.7,0.9")

@@ -20,11 +20,14 @@ SELECTORS = {  # label -> (cache file, spec fields that identify it)
     "v2: block (whole grid), kl, 8 windows": ("ppl_smollm2_cache.jsonl", {"selector": 2}),
     "v3: validated, nll, 16 windows": ("ppl_smollm2_cache.jsonl", {"selector": 3}),
     "v4: global, kl, 16 windows": ("ppl_smollm2_cache.jsonl", {"selector": 4, "alpha_search": "global"}),
-    "v4: block (grid neighbours), kl, 16 windows (main table)": ("ppl_smollm2_cache.jsonl",
-                                                                  {"selector": 4, "alpha_search": "block",
-                                                                   "alpha_min_z": None}),
-    "v5: v4 + min_z 2 (lost to v4 on dev perplexity)": ("ppl_smollm2_cache.jsonl",
-                                                        {"selector": 4, "alpha_search": "block", "alpha_min_z": 2.0}),
+    "v4: block (grid neighbours), kl, 16 windows": ("ppl_smollm2_cache.jsonl",
+                                                    {"selector": 4, "alpha_search": "block", "alpha_min_z": None,
+                                                     "selection_windows": 16}),
+    "v5: v4 + min_z 2": ("ppl_smollm2_cache.jsonl",
+                         {"selector": 4, "alpha_search": "block", "alpha_min_z": 2.0, "selection_windows": 16}),
+    "v6: v4 with 48 selection windows (main table)": ("ppl_smollm2_cache.jsonl",
+                                         {"selector": 4, "alpha_search": "block", "alpha_min_z": None,
+                                          "selection_windows": 48}),
 }
 
 
