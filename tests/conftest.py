@@ -75,7 +75,7 @@ def data_dir():
 def crash_at_block(monkeypatch, index: int):
     """Make `BlockRunner.advance` raise KeyboardInterrupt when it reaches block `index` (a simulated crash of a
     long block-by-block job); returns the original method, to put back before resuming."""
-    from wisparse.calibrate import BlockRunner
+    from wisparse.calibration import BlockRunner
 
     original = BlockRunner.advance
 

@@ -3,7 +3,7 @@ import torch
 import transformers
 from conftest import FAMILIES, tiny_model
 
-from wisparse.calibrate import BlockRunner
+from wisparse.calibration import BlockRunner
 from wisparse.errors import WisparseError
 from wisparse.models import adapter_for, supported_model_types
 

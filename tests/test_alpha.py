@@ -5,7 +5,7 @@ import torch
 from conftest import crash_at_block, tiny_model
 
 from wisparse.alpha import dense_reference, select_alphas, selection_loss
-from wisparse.calibrate import collect_stats
+from wisparse.calibration import collect_stats
 from wisparse.errors import WisparseError
 from wisparse.eval.perplexity import perplexity
 from wisparse.sparse_linear import SparseLinear

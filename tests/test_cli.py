@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from wisparse.calibrate import collect_stats
+from wisparse.calibration import collect_stats
 from wisparse.cli import main
 from wisparse.sparsify import build_config, uniform_allocation
 

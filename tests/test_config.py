@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from wisparse.calibrate import collect_stats
+from wisparse.calibration import collect_stats
 from wisparse.config import SparsityConfig, projection_numels
 from wisparse.errors import WisparseError
 from wisparse.sparsify import build_config, sparsify_, uniform_allocation

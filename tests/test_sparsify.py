@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_model
 
-from wisparse.calibrate import collect_stats
+from wisparse.calibration import collect_stats
 from wisparse.eval.sparsity import SparsityMeter
 from wisparse.sparse_linear import SparseLinear
 from wisparse.sparsify import ThresholdedActivation, build_config, sparsify_, uniform_allocation, unsparsify_

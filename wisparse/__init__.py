@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from wisparse.alpha import check_alpha_selector, select_alphas
-from wisparse.calibrate import CalibrationStats, collect_stats, recalibrate_sequential
+from wisparse.calibration import CalibrationStats, collect_stats, recalibrate_sequential
 from wisparse.config import SparsityConfig, projection_numels
 from wisparse.data import role_windows
 from wisparse.errors import WisparseError

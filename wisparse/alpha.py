@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wisparse.calibrate import BlockRunner, CalibrationStats, checkpoint_tag
+from wisparse.calibration import BlockRunner, CalibrationStats, checkpoint_tag
 from wisparse.errors import WisparseError
 from wisparse.models.adapters import adapter_for
 from wisparse.sparsify import apply_projection, build_config, sparsify_, unsparsify_

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wisparse.calibrate import CalibrationStats, site_key
+from wisparse.calibration import CalibrationStats, site_key
 from wisparse.config import ProjectionSetting, SparsityConfig, model_fingerprint
 from wisparse.errors import WisparseError
 from wisparse.models.adapters import adapter_for

@@ -6,7 +6,7 @@ import time
 from torch import nn
 
 from wisparse.alpha import check_alpha_selector
-from wisparse.calibrate import collect_stats
+from wisparse.calibration import collect_stats
 from wisparse.config import projection_numels
 from wisparse.data import role_windows
 from wisparse.eval.cache import ResultCache

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import crash_at_block, tiny_model
 
-from wisparse.calibrate import collect_stats, recalibrate_sequential
+from wisparse.calibration import collect_stats, recalibrate_sequential
 from wisparse.eval.sparsity import SparsityMeter
 from wisparse.sparsify import build_config, sparsify_, uniform_allocation
 
@@ -59,7 +59,7 @@ def test_dense_pass_thresholds_drift_upstream_sparsity_is_what_sequential_fixes(
 
 
 def test_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, model_and_windows, monkeypatch):
-    from wisparse.calibrate import BlockRunner
+    from wisparse.calibration import BlockRunner
     from wisparse.errors import WisparseError
 
     model, windows = model_and_windows
@@ -76,3 +76,15 @@ def test_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, model_and
             assert torch.equal(resumed.hists[key][alpha].counts, hist.counts), key
     with pytest.raises(WisparseError, match="checkpoint .* another"):
         collect_stats(model, windows[:2], progress=False, checkpoint=path)
+
+
+def test_calibration_module_is_not_shadowed_by_the_calibrate_function():
+    """`wisparse.calibrate` is the public function; the module keeps its own name so `import wisparse.calibration`
+    (and attribute access through the package) reaches the module, not the function."""
+    import types
+
+    import wisparse
+    import wisparse.calibration as calibration_module
+
+    assert isinstance(calibration_module, types.ModuleType) and hasattr(calibration_module, "collect_stats")
+    assert callable(wisparse.calibrate) and not isinstance(wisparse.calibrate, types.ModuleType)
