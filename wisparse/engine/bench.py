@@ -638,10 +638,9 @@ def _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, l
 
 def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list, no_pdl: bool = True) -> None:
     """Version-4 step (the library default: fused attention, o lists from the combine, PDL) next to version 3's rows
-    of the same run, batch 1: dense (Triton GEMVs) and uniform 0.50, with PDL and (`no_pdl`) without. Each row records whether
-    its greedy tokens equal version 3's for the same thresholds (they may differ late: o equals version 3's to fp32
-    rounding).
-    Speedups are against the fastest dense row of the loop, version 4's dense included."""
+    of the same run, batch 1: dense (Triton GEMVs) and uniform 0.50, with PDL and (`no_pdl`) without. Each row
+    records whether its greedy tokens equal version 3's for the same thresholds (they may differ late: o equals
+    version 3's to fp32 rounding). Speedups are against the fastest dense row of the loop, version 4's dense included."""
     v3 = {r["config"]: r for r in rows}
     dec.backend = "triton"
     dec.fused = True
@@ -681,7 +680,7 @@ def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: li
 
 
 def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_len, new_tokens, context_new_tokens,
-                  runs, left, log, v4: bool = False, save=None, first: bool = True,
+                  runs, left, log, v4: bool = False, save=None, v4_no_pdl: bool = True,
                   norm_compare: bool = False) -> None:
     from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
     from .generate import GraphGenerator
@@ -730,7 +729,7 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
             if norm_compare and B == 1 and left() >= 30:
                 _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, dense_best)
             if v4 and B == 1 and left() >= 30:
-                _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"], no_pdl=first)
+                _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"], no_pdl=v4_no_pdl)
                 dense_best = max((r for r in rows if r["nominal"] == 0.0), key=lambda r: r["tok_s"])
         finally:
             dec.fused = False
