@@ -122,11 +122,11 @@ def test_sparse_logits_match_transformers(family):
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
-def decode_with_hf_masks(m, mods, toks, use_graph, fused=False):
+def decode_with_hf_masks(m, mods, toks, use_graph, fused=False, persistent_mlp=False):
     """Teacher-forced decode of toks [1, T] by the engine (prefill of token 0, then one step per token, in a CUDA
     graph when `use_graph`), with every projection's mask forced to the one the transformers model computed at that
     position: thresholds -1 (keep) or inf (drop) written into the groups before each step, so the masks are
-    identical by construction. `fused`: the version-4 step. Returns (engine logits, transformers logits) [1, T, V]
+    identical by construction. `fused`: the version-4 step (`persistent_mlp`: version 5). Returns (engine logits, transformers logits) [1, T, V]
     fp32, fraction dropped."""
     from wisparse.engine.model import GROUPS
 
@@ -138,6 +138,7 @@ def decode_with_hf_masks(m, mods, toks, use_graph, fused=False):
     for sl in mods.values():
         sl.meter = None
     dec = Decoder.from_hf(m, fused=fused)
+    dec.persistent_mlp = persistent_mlp
     T = toks.shape[1]
     keep = {(i, g): torch.stack([hf_masks[f"{i}.{GROUPS[g][0]}.{name}"][0] for name in GROUPS[g][1]])
             for i, g, _ in dec.groups()}  # [P, T, K]
@@ -184,6 +185,26 @@ def test_fused_step_matches_version3_and_transformers(family):
     assert torch.equal(got, v3)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_persistent_mlp_step_matches_version4(family, monkeypatch):
+    """Version 5 (the MLP in one persistent launch; on CPU its reference) gives version 4's logits bitwise, and the
+    MLP really went through it."""
+    from wisparse.engine import model as engine_model
+
+    calls = []
+    real = engine_model.fused_mlp
+    monkeypatch.setattr(engine_model, "fused_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = tiny_model(family)
+    mods = sparsify(m)
+    toks = torch.randint(0, 120, (1, 12), generator=torch.Generator().manual_seed(4))
+    got, ref, dropped = decode_with_hf_masks(m, mods, toks, use_graph=False, fused=True, persistent_mlp=True)
+    assert len(calls) == 3 * 11  # every layer of every step
+    v4, _, _ = decode_with_hf_masks(m, mods, toks, use_graph=False, fused=True)
+    assert 0.2 < dropped < 0.9
+    assert torch.equal(got, v4)
+    assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
 def test_fused_step_dense_batch2_matches_transformers():
     m = tiny_model("qwen2")
     toks = torch.randint(0, 120, (2, 14), generator=torch.Generator().manual_seed(1))
@@ -225,12 +246,18 @@ def test_bench_v4_rows_glue(monkeypatch):
     v4 = [r for r in rows if r.get("step") == "v4"]
     assert [r["config"] for r in v4] == ["v4 dense (triton)", "v4 uniform 0.50", "v4 uniform 0.50 no PDL"]
     assert all(r["tokens_identical_to_v3"] for r in v4)  # CPU: the same references
+    bench._v5_rows(dec, gen, prompt, 6, 1, "m", th, rows, lambda *a: None, errors)
+    assert errors == [] and not dec.persistent_mlp
+    v5 = [r for r in rows if r.get("step") == "v5"]
+    assert [r["config"] for r in v5] == ["v5 uniform 0.50", "v5 every channel (lists, t=0)"]
+    assert v5[0]["tokens_identical_to_v4"] and v5[0]["nominal"] == 0.5 and v5[1]["nominal"] == 0.0
     dense = max(r["tok_s"] for r in rows if r["nominal"] == 0)
     assert all(abs(r["speedup_vs_dense"] - r["tok_s"] / dense) < 1e-9 for r in rows if r["nominal"] > 0)
     bench._file_decode_rows(res := {"decode": []}, rows, max((r for r in rows if r["nominal"] == 0),
                                                              key=lambda r: r["tok_s"]))
     md = bench.markdown({"env": {"gpu": "cpu", "torch": "", "triton": "", "date_utc": ""}, "protocol": {}, **res})
     assert "## Version 4 step" in md and "| m | v4 uniform 0.50 no PDL |" in md
+    assert "## Version 5 step" in md and "| m | v5 uniform 0.50 |" in md
 
 
 def test_bench_sweep_survives_a_shape_where_every_config_fails(monkeypatch):
@@ -407,16 +434,18 @@ def _gpu_tiny(family, sparse):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family,fused", [("llama", False), ("mistral", False), ("qwen2", False), ("llama", True),
-                                          ("qwen2", True)])
+                                          ("qwen2", True), ("llama", "v5"), ("qwen2", "v5")])
 def test_gpu_graph_decode_forced_masks_match_transformers(family, fused):
     """Sparse, bf16, batch 1, CUDA graph: with the masks forced identical (transformers' own, per position) the
     logits must match as closely as the dense engine's do; the flip rate of free masks is test_gpu_mask_flip_rate.
-    fused: the version-4 step (fused attention, o lists from the combine, PDL inside the graph)."""
+    fused: the version-4 step (fused attention, o lists from the combine, PDL inside the graph); "v5": and the MLP in
+    one persistent launch."""
     m, mods = _gpu_tiny(family, True)
     toks = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0)).cuda()
-    got, ref, dropped = decode_with_hf_masks(m, mods, toks, use_graph=True, fused=fused)
+    got, ref, dropped = decode_with_hf_masks(m, mods, toks, use_graph=True, fused=bool(fused),
+                                             persistent_mlp=fused == "v5")
     err = ((got - ref).norm() / ref.norm()).item()
-    _report(f"graph decode vs transformers {family} sparse{' v4' if fused else ''} (dropped {dropped:.3f}), masks "
+    _report(f"graph decode vs transformers {family} sparse{' v5' if fused == 'v5' else ' v4' if fused else ''} (dropped {dropped:.3f}), masks "
             f"forced identical, bf16: rel err {err:.2e}")
     assert 0.2 < dropped < 0.9  # actually sparse
     assert err < 0.03, err

@@ -360,7 +360,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
         context_new_tokens: int = 64, runs: int = 3, sweep: bool = True, configs_path: str | None = None,
         budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, sweep_models=None,
         v4: bool = True, resweep: tuple[str, ...] = (), kernel_table: bool = True, norm_compare: bool = False,
-        log=print) -> dict:
+        v5: bool = True, mlp_block: bool = True, log=print) -> dict:
     import traceback
 
     import triton
@@ -466,6 +466,8 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
         section("kernel_table", _kernel_table, res, log)
     if models:
         section("step_breakdown", _step_breakdown, res, models[0], log, v4)
+        if mlp_block:
+            section("mlp_block", _mlp_block_table, res, models[0], log)
     # batch 1: every level for the first model, 50% for the others; then the first model's other batch sizes (50%)
     # and context lengths
     plan = [(mi, name, (1,), levels if mi == 0 else (tuple(lv for lv in levels if lv == 0.5) or levels[:1]),
@@ -479,7 +481,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
             res["errors"].append({"section": f"decode {name} B={bs} ctx={ctxs}", "error": "skipped: time budget"})
             continue
         section(f"decode {name} B={bs} ctx={ctxs}", _decode_model, res, mi, name, bs, lvs, nonu, ctxs, prompt_len,
-                new_tokens, context_new_tokens, runs, left, log, v4, save, mi == 0, norm_compare)
+                new_tokens, context_new_tokens, runs, left, log, v4, save, mi == 0, norm_compare, v5 and v4)
         torch.cuda.empty_cache()
     save()
     if main_thread:
@@ -514,6 +516,66 @@ def _kernel_table(res, log) -> None:
                     log(f"kernel {label[:10]} B={B} {row['path']:23s} sp={row['sparsity']:.2f} "
                         f"(realised {r['realised']:.3f}): {r['us']:7.1f} us {r['tbps']:.2f} TB/s "
                         f"({row['copy_fraction']:.0%} of copy), F.linear {lin['us']:.1f} us")
+
+
+def time_mlp_block(D: int, I: int, sparsity: float, cfg_gu: GemvConfig, cfg_d: GemvConfig, fused: bool,
+                   occupancy: int = 4, pdl: bool = True, seed: int = 0) -> dict:
+    """Batch-1 MLP from gate|up's survivor lists to down's partials, inside a CUDA graph: three launches (list GEMV,
+    silu_mul writing down's lists, list GEMV) or the persistent kernel (`fused_mlp`). Both `sparsity` of x and of
+    h dropped (thresholds from h's own magnitudes); weights rotated past the L2."""
+    from ..kernels.decode_ops import silu_mul
+    from ..kernels.fused_mlp import counter_buffer, launch_fused_mlp
+    from ..kernels.sparse_gemv import list_buffers
+
+    dt = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    wgus = _weights(D, 2 * I, dt)
+    wds = [(torch.randn(I, D, device="cuda", generator=gen) * 0.05).to(dt) for _ in range(len(wgus))]
+    xs, tg = _inputs(D, 1, 2, sparsity, 4, dt, gen)
+    gl = [launch_compact(x, tg, cfg_gu.kr) for x in xs]
+    h = silu_mul(launch_gemv_list(*gl[0], wgus[0], [I, I], cfg_gu), I, dt)
+    td = (h.float().abs().quantile(sparsity) if sparsity > 0 else torch.tensor(-1.0, device="cuda"))
+    td = td.expand(1, I).contiguous()
+    dl = list_buffers(1, I, cfg_d.kr, "cuda")
+    ctr = counter_buffer(I, cfg_d.kr, "cuda")
+    nw = len(wgus)
+
+    def unfused(i):
+        p = launch_gemv_list(*gl[i % 4], wgus[i % nw], [I, I], cfg_gu, pdl=pdl)
+        m = silu_mul(p, I, dt, lists=(td, cfg_d.kr, dl), pdl=pdl)
+        return launch_gemv_list(*dl, wds[i % nw], [D], cfg_d, pdl=pdl)
+
+    def one(i):
+        return launch_fused_mlp(gl[i % 4], wgus[i % nw], td, wds[i % nw], cfg_gu, cfg_d, dl, ctr,
+                                occupancy=occupancy, pdl=pdl)
+
+    tm = _graph_time(one if fused else unfused)
+    real_x = float(sum((x.abs().float() <= tg).float().mean() for x in xs) / len(xs))
+    return {"us": tm * 1e6, "realised_x": real_x, "realised_h": float((h.abs().float() <= td).float().mean())}
+
+
+def _mlp_block_table(res, name: str, log) -> None:
+    """The MLP of one layer (batch 1) in three launches against the persistent kernel, at 0 / 50 / 90% (version 5)."""
+    from ..kernels.fused_mlp import mlp_supported
+
+    dims = _shape_dims(name)
+    D, I = dims["gu"][0], dims["down"][0]
+    cg, cd = kops.get_config(D, 2 * I, 1, False), kops.get_config(I, D, 1, False)
+    if not mlp_supported(I, cg, cd):
+        log(f"mlp block: configurations {cg} / {cd} not supported by the persistent kernel")
+        return
+    rows = res.setdefault("mlp_block", [])
+    for sp in (0.0, 0.5, 0.9):
+        three = time_mlp_block(D, I, sp, cg, cd, fused=False)
+        rows.append({"model": name, "sparsity": sp, "path": "3 launches (PDL)", **three})
+        log(f"mlp block {name} sp={sp:.2f} 3 launches: {three['us']:.1f} us (realised x {three['realised_x']:.3f}, "
+            f"h {three['realised_h']:.3f})")
+        for occ in (2, 3, 4):
+            r = time_mlp_block(D, I, sp, cg, cd, fused=True, occupancy=occ)
+            rows.append({"model": name, "sparsity": sp, "path": f"persistent, {occ} programs/SM", **r,
+                         "vs_3_launches": three["us"] / r["us"]})
+            log(f"mlp block {name} sp={sp:.2f} persistent occ {occ}: {r['us']:.1f} us "
+                f"({three['us'] / r['us']:.3f}x of 3 launches)")
 
 
 def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
@@ -679,9 +741,49 @@ def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: li
         dec.fused, dec.pdl = False, True
 
 
+def _v5_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list) -> None:
+    """Version 5 (version 4 + the MLP in one persistent launch), batch 1: uniform 0.50, and every channel kept
+    through the same listed path (thresholds 0: the kernels at 0%, a dense candidate by the issue's definition).
+    Tokens at 0.50 are compared with version 4's (the kernel's arithmetic is the same: they should be identical)."""
+    v4 = {r["config"].removeprefix("v4 "): r for r in rows if r.get("step") == "v4"}
+    dec.backend, dec.fused, dec.pdl, dec.persistent_mlp = "triton", True, True, True
+    try:
+        for cfg, level in (("uniform 0.50", 0.5), ("every channel (lists, t=0)", 0.0)):
+            if level > 0 and ("uniform", 0.5) not in th:
+                continue
+            if level > 0:
+                dec.set_thresholds(th[("uniform", 0.5)])
+            else:
+                dec.set_thresholds({(i, g): torch.zeros_like(grp.t) for i, g, grp in dec.groups()})
+            dec.sparse = True
+            label = f"v5 {cfg}"
+            try:
+                r = _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} {label}", log)
+            except Exception as e:
+                log(f"    {label} FAILED: {type(e).__name__}: {e}")
+                errors.append({"section": f"decode {name} {label}", "error": f"{type(e).__name__}: {e}"})
+                torch.cuda.synchronize()
+                continue
+            ref = v4.get(cfg)
+            same = None if ref is None else bool(torch.equal(r["_tokens"], ref["_tokens"]))
+            row = {"model": name, "B": 1, "ctx": prompt.shape[1], "config": label, "nominal": level, "step": "v5",
+                   "tokens_identical_to_v4": same, **r}
+            if ref is not None:
+                row["speedup_vs_v4"] = r["tok_s"] / ref["tok_s"]
+                row["realised"] = ref.get("realised", {})
+            rows.append(row)
+            log(f"    v5 tokens identical to v4: {same}; vs v4 {row.get('speedup_vs_v4', float('nan')):.3f}x")
+        dense = max(r["tok_s"] for r in rows if r["nominal"] == 0.0)
+        for r in rows:
+            if r["nominal"] > 0:
+                r["speedup_vs_dense"] = r["tok_s"] / dense
+    finally:
+        dec.fused, dec.persistent_mlp = False, False
+
+
 def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_len, new_tokens, context_new_tokens,
                   runs, left, log, v4: bool = False, save=None, v4_no_pdl: bool = True,
-                  norm_compare: bool = False) -> None:
+                  norm_compare: bool = False, v5: bool = True) -> None:
     from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
     from .generate import GraphGenerator
     from .model import Decoder
@@ -730,6 +832,8 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
                 _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, dense_best)
             if v4 and B == 1 and left() >= 30:
                 _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"], no_pdl=v4_no_pdl)
+                if v5 and left() >= 30:
+                    _v5_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"])
                 dense_best = max((r for r in rows if r["nominal"] == 0.0), key=lambda r: r["tok_s"])
         finally:
             dec.fused = False
@@ -793,6 +897,26 @@ def markdown(res: dict) -> str:
         L += [f"| {r['model']} | {r['config']} | {r['tok_s']:.1f} | {r.get('speedup_vs_v3', float('nan')):.3f} | "
               f"{r.get('speedup_vs_dense', r['tok_s'] / r['dense_tok_s']):.2f} | {r.get('tokens_identical_to_v3')} |"
               for r in v4]
+    v5 = [r for r in res.get("decode", []) if r.get("step") == "v5"]
+    if v5:
+        L += ["", "## Version 5 step (opt-in): version 4 with the MLP in one persistent launch (same run, batch 1)", "",
+              "gate|up list GEMV, SiLU*mul with down's lists, and down list GEMV in one launch whose programs take "
+              "work items in order from a ticket counter and hand the h chunks over by arrival counters (no kernel "
+              "boundary between them). 'every channel' = thresholds 0 through the same listed kernels (the kernels at "
+              "0%), a dense candidate. Speedups vs dense use the fastest dense row, these included.", "",
+              "| model | config | realised | tok/s | x version 4 | x dense | tokens identical to version 4 |",
+              "|---|---|---|---|---|---|---|"]
+        for r in v5:
+            real = r.get("realised", {}).get("weighted") if isinstance(r.get("realised"), dict) else None
+            L.append(f"| {r['model']} | {r['config']} | {'' if real is None else f'{real:.3f}'} | {r['tok_s']:.1f} | "
+                     f"{r.get('speedup_vs_v4', float('nan')):.3f} | "
+                     f"{r.get('speedup_vs_dense', r['tok_s'] / r['dense_tok_s']):.2f} | "
+                     f"{r.get('tokens_identical_to_v4')} |")
+    if res.get("mlp_block"):
+        L += ["", "## One layer's MLP (batch 1) inside CUDA graphs: three launches against the persistent kernel", "",
+              "| model | sparsity (x and h) | realised x / h | path | us | 3 launches / this |", "|---|---|---|---|---|---|"]
+        L += [f"| {r['model']} | {r['sparsity']:.2f} | {r['realised_x']:.3f} / {r['realised_h']:.3f} | {r['path']} | "
+              f"{r['us']:.1f} | {r.get('vs_3_launches', 1.0):.3f} |" for r in res["mlp_block"]]
     one = [r for r in res.get("decode", []) if r.get("norm") == "one-program"]
     if one:
         L += ["", "## Split norm (two launches of many programs) against the one-program norm (same run, batch 1)", "",
@@ -850,6 +974,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--no-v4", action="store_true",
                     help="skip the version-4 step rows (batch 1: dense and 0.50 with PDL; the first model also "
                          "without PDL)")
+    ap.add_argument("--no-v5", action="store_true",
+                    help="skip the version-5 rows (version 4 + the MLP in one persistent launch; batch 1)")
+    ap.add_argument("--no-mlp-block", action="store_true",
+                    help="skip the MLP-block table (three launches against the persistent kernel)")
     ap.add_argument("--norm-compare", action="store_true",
                     help="also decode with the one-program norm (batch 1, dense and 0.50) beside the split norm")
     ap.add_argument("--resweep", default="",
@@ -869,6 +997,7 @@ def run_from_args(a) -> dict:
               sweep=not a.no_sweep, configs_path=a.configs, budget_s=a.budget_s,
               sweep_models=tuple(v for v in a.sweep_models.split(",") if v), v4=not a.no_v4,
               resweep=tuple(v for v in a.resweep.split(",") if v), kernel_table=not a.no_kernel_table,
-              norm_compare=a.norm_compare, out_json=a.out + ".json", out_md=a.out + ".md")
+              norm_compare=a.norm_compare, v5=not a.no_v5, mlp_block=not a.no_mlp_block,
+              out_json=a.out + ".json", out_md=a.out + ".md")
     print(markdown(res))
     return res

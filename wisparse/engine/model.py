@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..kernels import decode_ops as ops
 from ..kernels import ops as kops  # also registers torch.ops.wisparse.sparse_gemv
+from ..kernels.fused_mlp import counter_buffer, fused_mlp, mlp_supported
 from ..kernels.sparse_gemv import HAVE_TRITON, launch_sparse_gemv, list_buffers
 
 # Family adapters: where each family's RoPE class lives. Module names (q_proj ... down_proj) are shared.
@@ -115,6 +116,8 @@ class Decoder:
         self.hook = None            # hook(layer, group, x [B, K]) in eager steps (calibration)
         self.fused = fused          # True: the version-4 step (`_step_fused`, default); False: version 3
         self.pdl = pdl              # version 4 on CUDA: programmatic dependent launch of its Triton kernels
+        self.persistent_mlp = False  # version 5 (opt-in): batch-1 sparse MLP in one persistent launch
+        self._mlp_counters: dict = {}  # its arrival counters by down's list segment (zero between launches)
         self._list_bufs: dict = {}  # (group name, segment) -> survivor-list buffers, shared by all layers
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -317,17 +320,37 @@ class Decoder:
             self._list_bufs[key] = list_buffers(len(g.widths), K, cfg.kr, self.device)
         return g.t, cfg.kr, self._list_bufs[key], cfg
 
+    def _observe(self, i: int, gname: str, g: Group, x: torch.Tensor) -> None:
+        """The calibration hook (eager only, never set while capturing) and the realised-sparsity meter."""
+        if self.hook is not None:
+            self.hook(i, gname, x)
+        if self.meter is not None and self.sparse and g.sparse:
+            self.meter[i, list(GROUPS).index(gname), : len(g.widths)] += (
+                (x.abs().unsqueeze(1).float() <= g.t.unsqueeze(0)).sum(dim=(0, 2)).double())
+
+    def _mlp(self, i: int, lyr: Layer, x: torch.Tensor, lst, pdl: bool) -> torch.Tensor:
+        """gate|up GEMV, SiLU*mul, down GEMV -> down's partials. Version 5 (`persistent_mlp`, batch 1, both
+        GEMVs listed): one persistent launch (`kernels.fused_mlp`); otherwise three launches."""
+        dl = self._lists_for(i, "down")
+        if self.persistent_mlp and lst is not None and dl is not None and mlp_supported(self.I, lst[3], dl[3]):
+            if dl[1] not in self._mlp_counters:
+                self._mlp_counters[dl[1]] = counter_buffer(self.I, dl[1], self.device)
+            self._observe(i, "gu", lyr.gu, x)
+            p, m = fused_mlp(lst[2], lyr.gu.wt, lyr.down.t, lyr.down.wt, lst[3], dl[3], dl[2],
+                             self._mlp_counters[dl[1]], pdl=pdl)
+            self._observe(i, "down", lyr.down, m)
+            return p
+        p = self._gemv(i, "gu", lyr.gu, x, lst, pdl)
+        m = ops.silu_mul(p, self.I, self.dtype, lists=dl, pdl=pdl)
+        return self._gemv(i, "down", lyr.down, m, dl, pdl)
+
     def _gemv(self, i: int, gname: str, g: Group, x: torch.Tensor, lists=None, pdl: bool = False) -> torch.Tensor:
         """x [B, K] -> partials [S, B, N] (fp32 from the sparse GEMV op, or [1, B, N] in dtype from cuBLAS).
         `lists` (from `_lists_for`): x's survivor lists, already written by the kernel that produced x.
         `pdl` (version 4, CUDA): the same kernel and configuration, launched directly with programmatic dependent
         launch instead of through the custom op."""
         sparse = self.sparse and g.sparse
-        if self.hook is not None:  # eager only (calibration); never set while capturing
-            self.hook(i, gname, x)
-        if self.meter is not None and sparse:
-            self.meter[i, list(GROUPS).index(gname), : len(g.widths)] += (
-                (x.abs().unsqueeze(1).float() <= g.t.unsqueeze(0)).sum(dim=(0, 2)).double())
+        self._observe(i, gname, g, x)
         if self.backend == "cublas":
             if sparse:
                 return torch.cat([F.linear(x * (x.abs() > g.t[p].to(x.dtype)), g.view(p))
@@ -385,10 +408,7 @@ class Decoder:
             p = self._gemv(i, "o", lyr.o, a, lst, pdl)
             lst = self._lists_for(i, "gu")
             x = ops.add_rmsnorm(h, p, lyr.ln2, self.eps, lists=lst, pdl=pdl)
-            p = self._gemv(i, "gu", lyr.gu, x, lst, pdl)
-            lst = self._lists_for(i, "down")
-            m = ops.silu_mul(p, self.I, self.dtype, lists=lst, pdl=pdl)
-            p = self._gemv(i, "down", lyr.down, m, lst, pdl)
+            p = self._mlp(i, lyr, x, lst, pdl)
             lst = self._lists_for(i + 1, "qkv")
             x = ops.add_rmsnorm(h, p, self.layers[i + 1].ln1 if i + 1 < n else self.norm, self.eps, lists=lst,
                                 pdl=pdl)

@@ -2,6 +2,7 @@
 
     python -m wisparse.kernels.aot            # every configuration the benchmark sweeps, and the decode kernels
     python -m wisparse.kernels.aot --v4       # only the version-4 step's kernels (fused attention, PDL builds)
+    python -m wisparse.kernels.aot --v5       # only the version-5 step's persistent MLP kernel
 
 For each compiled variant it prints registers per thread, spills (local memory / stack bytes), shared memory, and
 how the weight loads were compiled: `cp.async` (Triton's software pipeline: loads of later iterations in flight
@@ -166,14 +167,29 @@ def _v4_variants():
                 COMPACT=False, PREFETCH=False, PDL=True), 4, 3)
 
 
-def main(v4_only: bool = False) -> list[dict]:
-    """Compile and report every variant (`--v4`: only version 4's)."""
+def _v5_variants():
+    """Version 5 (opt-in step): the persistent batch-1 MLP kernel, with the configurations run 6's sweep chose for
+    Llama-3.1-8B (gate|up segment 1024, down's h chunk 2048, BLOCK_K 32, 8 stages) and neighbours."""
+    from . import fused_mlp as fm
+
+    ptr = {"gidx_ptr": "*i32", "gxv_ptr": "*fp32", "gcnt_ptr": "*i32", "wgu_ptr": "*bf16", "pg_ptr": "*fp32",
+           "td_ptr": "*fp32", "h_ptr": "*bf16", "didx_ptr": "*i32", "dxv_ptr": "*fp32", "dcnt_ptr": "*i32",
+           "wd_ptr": "*bf16", "out_ptr": "*fp32", "ctr_ptr": "*i32"}
+    for nseg, bk, st in ((4, 32, 8), (4, 64, 5), (4, 32, 5), (8, 32, 8)):
+        yield (f"v5 fused_mlp nseg_gu={nseg} bk={bk} st={st} PDL", fm._fused_mlp_kernel, ptr,
+               dict(NSEG_GU=nseg, SEG_GU=4096 // nseg, SPLIT_GU=1, BN_GU=128, BK_GU=bk, HC=2048, SPLIT_D=1, BN_D=128,
+                    BK_D=bk, SB=512, ALIGN_GU=8, PDL=True), 4, st)
+
+
+def main(v4_only: bool = False, v5_only: bool = False) -> list[dict]:
+    """Compile and report every variant (`--v4`: only version 4's; `--v5`: only version 5's)."""
     rows = []
-    variants = (*_v4_variants(),) if v4_only else (*_list_variants(), *_old_variants(), *_test_variants(),
-                                                    *_decode_variants(), *_v4_variants())
+    variants = ((*_v5_variants(),) if v5_only else (*_v4_variants(),) if v4_only else
+                (*_list_variants(), *_old_variants(), *_test_variants(), *_decode_variants(), *_v4_variants(),
+                 *_v5_variants()))
     for label, kern, ptr, const, nw, ns in variants:
         try:
-            r = compile_sm90(kern, ptr, const, nw, ns, divisible=("K", "N", "D", "W0", "W1", "stride_xb"))
+            r = compile_sm90(kern, ptr, const, nw, ns, divisible=("K", "N", "D", "I", "W0", "W1", "stride_xb"))
             line = (f"{label:62s} regs {r['regs']:3d}  spill(local {r['local']}, stack {r['stack']})  "
                     f"smem {r['smem']:6d}  cp.async {r['cp_async']:3d}  ld.global {r['ld_global']:3d} "
                     f"(2-byte {r['ld_b16']})")
@@ -188,4 +204,4 @@ def main(v4_only: bool = False) -> list[dict]:
 if __name__ == "__main__":
     import sys
 
-    main(v4_only="--v4" in sys.argv[1:])
+    main(v4_only="--v4" in sys.argv[1:], v5_only="--v5" in sys.argv[1:])

@@ -271,28 +271,20 @@ if HAVE_TRITON:
         _store_list(x, keep, offs, seg, seg < NSEG, p * K, p * NSEG, idx_ptr, xv_ptr, cnt_ptr, SEG)
 
     @triton.jit
-    def _gemv_list_kernel(
-        idx_ptr, xv_ptr, cnt_ptr, w_ptr, out_ptr,
-        K, N, NSEG, W0, W1, W2, T1, T2,
-        SEG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
-        PDL: tl.constexpr = False,
-    ):
-        """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT. Its loop runs
-        ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity, and the index and
-        weight-row loads have no dependence on earlier iterations (Triton pipelines them, num_stages deep)."""
-        _pdl_enter(PDL)
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        p, cols, cmask = _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N, ALIGN)
-        seg = pid_s // SPLIT
-        part = pid_s % SPLIT
-        c = tl.load(cnt_ptr + p * NSEG + seg)
+    def _list_part(c, part, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """[lo, hi) of a segment's c survivors that part `part` of SPLIT walks (whole BLOCK_K chunks each)."""
         share = tl.cdiv(tl.cdiv(c, SPLIT), BLOCK_K) * BLOCK_K
         lo = part * share
-        hi = tl.minimum(lo + share, c)
-        lbase = p * K + seg * SEG
+        return lo, tl.minimum(lo + share, c)
+
+    @triton.jit
+    def _list_walk(idx_ptr, xv_ptr, lbase, lo, hi, w_ptr, N, cols, cmask, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """Sum over list entries [lo, hi) at lbase of xv * W[idx, cols], as row 0 of a [16, BLOCK_N] fp32 tile (the
+        tensor-core dot's minimum height; the other rows are zeros). The index, value and weight-row loads do not
+        depend on earlier iterations, so Triton pipelines them num_stages deep."""
         jj = tl.arange(0, BLOCK_K)
-        first = (tl.arange(0, 16) == 0)[:, None]  # batch row 0 of the 16-row tensor-core tile; the rest are zeros
+        first = (tl.arange(0, 16) == 0)[:, None]
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for i in range(lo, hi, BLOCK_K):
             j = i + jj
@@ -301,6 +293,25 @@ if HAVE_TRITON:
             xv = tl.load(xv_ptr + lbase + j, mask=valid, other=0.0)
             w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
             acc += tl.dot(tl.where(first, xv[None, :], 0.0).to(w.dtype), w)
+        return acc
+
+    @triton.jit
+    def _gemv_list_kernel(
+        idx_ptr, xv_ptr, cnt_ptr, w_ptr, out_ptr,
+        K, N, NSEG, W0, W1, W2, T1, T2,
+        SEG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT. Its loop runs
+        ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity."""
+        _pdl_enter(PDL)
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        p, cols, cmask = _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N, ALIGN)
+        seg = pid_s // SPLIT
+        lo, hi = _list_part(tl.load(cnt_ptr + p * NSEG + seg), pid_s % SPLIT, SPLIT, BLOCK_K)
+        acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, BLOCK_N, BLOCK_K)
+        first = (tl.arange(0, 16) == 0)[:, None]
         tl.store(out_ptr + pid_s * N + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc, mask=first & cmask[None, :])
 
 
