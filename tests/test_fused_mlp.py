@@ -78,10 +78,10 @@ INTERP = textwrap.dedent("""
         h_ref = ops.silu_mul(launch_gemv_list(*gl, wgu, [I, I], cg), I, torch.float16, lists=(td, hc, dl_ref))
         out_ref = launch_gemv_list(*dl_ref, wd, [D], cd)
         ctr = counter_buffer(I, hc, "cpu")
-        for rep in range(2):  # a second launch checks that the kernel left its counters zeroed
-            dl = list_buffers(1, I, hc, "cpu")
+        for rep, o in enumerate((occ, occ, 0, 0)):  # one program per item (0) or persistent; a second launch
+            dl = list_buffers(1, I, hc, "cpu")      # checks that the kernel left its counters zeroed
             h = torch.full((1, I), float("nan")).half()
-            out = launch_fused_mlp(gl, wgu, td, wd, cg, cd, dl, ctr, h=h, occupancy=occ, n_sm=2)
+            out = launch_fused_mlp(gl, wgu, td, wd, cg, cd, dl, ctr, h=h, occupancy=o, n_sm=2)
             ok &= (torch.equal(out, out_ref) and torch.equal(h, h_ref) and torch.equal(dl[2], dl_ref[2])
                    and int(ctr.abs().sum()) == 0 and 0 < int(dl[2].sum()) < I)
             print(rep, (out - out_ref).abs().max().item(), ctr.tolist(), int(dl[2].sum()))
@@ -117,10 +117,10 @@ def test_gpu_fused_mlp_equals_unfused_launches(D, I):
         h_ref = ops.silu_mul(launch_gemv_list(*gl, wgu, [I, I], cg), I, torch.bfloat16, lists=(td, cd.kr, dl_ref))
         out_ref = launch_gemv_list(*dl_ref, wd, [D], cd)
         ctr = counter_buffer(I, cd.kr, "cuda")
-        for pdl in (False, True):
+        for pdl, occ in ((False, 0), (True, 0), (True, 3)):  # one program per item, or persistent
             dl = list_buffers(1, I, cd.kr, "cuda")
             h = torch.empty_like(h_ref)
-            out = launch_fused_mlp(gl, wgu, td, wd, cg, cd, dl, ctr, h=h, pdl=pdl)
+            out = launch_fused_mlp(gl, wgu, td, wd, cg, cd, dl, ctr, h=h, pdl=pdl, occupancy=occ)
             assert torch.equal(out, out_ref) and torch.equal(h, h_ref) and torch.equal(dl[2], dl_ref[2]), (sp, pdl)
             assert int(ctr.abs().sum()) == 0
         out = torch.empty_like(out_ref)

@@ -175,10 +175,11 @@ def _v5_variants():
     ptr = {"gidx_ptr": "*i32", "gxv_ptr": "*fp32", "gcnt_ptr": "*i32", "wgu_ptr": "*bf16", "pg_ptr": "*fp32",
            "td_ptr": "*fp32", "h_ptr": "*bf16", "didx_ptr": "*i32", "dxv_ptr": "*fp32", "dcnt_ptr": "*i32",
            "wd_ptr": "*bf16", "out_ptr": "*fp32", "ctr_ptr": "*i32"}
-    for nseg, bk, st in ((4, 32, 8), (4, 64, 5), (4, 32, 5), (8, 32, 8)):
-        yield (f"v5 fused_mlp nseg_gu={nseg} bk={bk} st={st} PDL", fm._fused_mlp_kernel, ptr,
+    for nseg, bk, st, persist in ((4, 32, 8, False), (4, 32, 8, True), (4, 64, 5, False), (4, 32, 5, False),
+                                  (8, 32, 8, False)):
+        yield (f"v5 fused_mlp nseg_gu={nseg} bk={bk} st={st} persist={persist} PDL", fm._fused_mlp_kernel, ptr,
                dict(NSEG_GU=nseg, SEG_GU=4096 // nseg, SPLIT_GU=1, BN_GU=128, BK_GU=bk, HC=2048, SPLIT_D=1, BN_D=128,
-                    BK_D=bk, SB=512, ALIGN_GU=8, PDL=True), 4, st)
+                    BK_D=bk, SB=fm.SILU_BLOCK, ALIGN_GU=8, PERSIST=persist, PDL=True), 4, st)
 
 
 def main(v4_only: bool = False, v5_only: bool = False) -> list[dict]:

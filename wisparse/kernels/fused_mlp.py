@@ -63,71 +63,90 @@ if HAVE_TRITON:
         tl.store(cnt_ptr + c, run)
 
     @triton.jit
+    def _mlp_item(u, gidx_ptr, gxv_ptr, gcnt_ptr, wgu_ptr, pg_ptr, td_ptr, h_ptr, didx_ptr, dxv_ptr, dcnt_ptr, wd_ptr,
+                  out_ptr, arrive_ptr, ready_ptr, D, I, T_GU, T_D, U,
+                  NSEG_GU: tl.constexpr, SEG_GU: tl.constexpr, SPLIT_GU: tl.constexpr, BN_GU: tl.constexpr,
+                  BK_GU: tl.constexpr, HC: tl.constexpr, SPLIT_D: tl.constexpr, BN_D: tl.constexpr,
+                  BK_D: tl.constexpr, SB: tl.constexpr, ALIGN_GU: tl.constexpr):
+        """Work item u: a gate|up item (u < U; the chunk's last one also does SiLU*mul and down's list) or a down
+        item (waits for its chunk's ready flag)."""
+        NS: tl.constexpr = NSEG_GU * SPLIT_GU   # gate|up partial rows
+        TPC: tl.constexpr = HC // BN_GU         # gate (or up) column tiles per h chunk
+        first = (tl.arange(0, 16) == 0)[:, None]
+        if u < U:
+            j = u // (2 * NS)
+            r = u % (2 * NS)
+            p = r // NS
+            sp = r % NS
+            lcols = j * BN_GU + tl.arange(0, BN_GU)
+            cmask = lcols < I
+            cols = (p * I) // ALIGN_GU * ALIGN_GU + lcols
+            seg = sp // SPLIT_GU
+            lo, hi = _list_part(tl.load(gcnt_ptr + p * NSEG_GU + seg), sp % SPLIT_GU, SPLIT_GU, BK_GU)
+            acc = _list_walk(gidx_ptr, gxv_ptr, p * D + seg * SEG_GU, lo, hi, wgu_ptr, 2 * I, cols, cmask,
+                             BN_GU, BK_GU)
+            tl.store(pg_ptr + sp * 2 * I + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc,
+                     mask=first & cmask[None, :])
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            c = j // TPC
+            need = tl.minimum(TPC, T_GU - c * TPC) * 2 * NS
+            if tl.atomic_add(arrive_ptr + c, 1, sem="acq_rel") == need - 1:
+                _silu_chunk(pg_ptr, h_ptr, td_ptr, didx_ptr, dxv_ptr, dcnt_ptr, c, I, NS, HC, SB)
+                tl.debug_barrier()
+                tl.atomic_xchg(ready_ptr + c, 1, sem="release")
+        else:
+            v = u - U
+            n = v % T_D
+            cp = v // T_D                       # chunk * SPLIT_D + part: the partial row
+            c = cp // SPLIT_D
+            while tl.atomic_add(ready_ptr + c, 0, sem="acquire") == 0:
+                pass
+            cols = n * BN_D + tl.arange(0, BN_D)
+            cmask = cols < D
+            lo, hi = _list_part(tl.load(dcnt_ptr + c), cp % SPLIT_D, SPLIT_D, BK_D)
+            acc = _list_walk(didx_ptr, dxv_ptr, c * HC, lo, hi, wd_ptr, D, cols, cmask, BN_D, BK_D)
+            tl.store(out_ptr + cp * D + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc,
+                     mask=first & cmask[None, :])
+
+    @triton.jit
     def _fused_mlp_kernel(
         gidx_ptr, gxv_ptr, gcnt_ptr, wgu_ptr, pg_ptr,        # gate|up: input lists [2, D], weights [D, 2I], partials
         td_ptr, h_ptr, didx_ptr, dxv_ptr, dcnt_ptr,          # down: thresholds [I], h [I], lists [I], counts [NCH]
         wd_ptr, out_ptr, ctr_ptr,                            # down weights [I, D], partials [NCH*SPLIT_D, D]; counters
         D, I, NCH, T_GU, T_D,
-        NSEG_GU: tl.constexpr, SEG_GU: tl.constexpr, SPLIT_GU: tl.constexpr, BN_GU: tl.constexpr, BK_GU: tl.constexpr,
-        HC: tl.constexpr, SPLIT_D: tl.constexpr, BN_D: tl.constexpr, BK_D: tl.constexpr,
-        SB: tl.constexpr, ALIGN_GU: tl.constexpr, PDL: tl.constexpr = False,
+        NSEG_GU: tl.constexpr, SEG_GU: tl.constexpr, SPLIT_GU: tl.constexpr, BN_GU: tl.constexpr,
+        BK_GU: tl.constexpr, HC: tl.constexpr, SPLIT_D: tl.constexpr, BN_D: tl.constexpr, BK_D: tl.constexpr,
+        SB: tl.constexpr, ALIGN_GU: tl.constexpr, PERSIST: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
+        """PERSIST: a grid of a few programs per SM loops over the items; else one program per item (the grid is
+        the item count), each taking its item by ticket, so items still start in ticket order."""
         _pdl_enter(PDL)
-        NS: tl.constexpr = NSEG_GU * SPLIT_GU   # gate|up partial rows
-        TPC = HC // BN_GU                       # gate (or up) column tiles per h chunk
-        U = T_GU * 2 * NS                       # gate|up items
+        U = T_GU * 2 * NSEG_GU * SPLIT_GU       # gate|up items
         V = NCH * SPLIT_D * T_D                 # down items
         arrive_ptr = ctr_ptr + 2
         ready_ptr = ctr_ptr + 2 + NCH
-        N_GU = 2 * I
         u = tl.atomic_add(ctr_ptr, 1, sem="relaxed")
-        while u < U + V:
-            nxt = tl.atomic_add(ctr_ptr, 1, sem="relaxed")  # taken early: its latency overlaps this item
-            if u < U:
-                j = u // (2 * NS)
-                r = u % (2 * NS)
-                p = r // NS
-                sp = r % NS
-                lcols = j * BN_GU + tl.arange(0, BN_GU)
-                cmask = lcols < I
-                cols = (p * I) // ALIGN_GU * ALIGN_GU + lcols
-                seg = sp // SPLIT_GU
-                lo, hi = _list_part(tl.load(gcnt_ptr + p * NSEG_GU + seg), sp % SPLIT_GU, SPLIT_GU, BK_GU)
-                acc = _list_walk(gidx_ptr, gxv_ptr, p * D + seg * SEG_GU, lo, hi, wgu_ptr, N_GU, cols, cmask,
-                                 BN_GU, BK_GU)
-                first = (tl.arange(0, 16) == 0)[:, None]
-                tl.store(pg_ptr + sp * N_GU + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc,
-                         mask=first & cmask[None, :])
-                tl.debug_barrier()  # every thread's partial stores precede the release below
-                c = j // TPC
-                need = tl.minimum(TPC, T_GU - c * TPC) * 2 * NS
-                if tl.atomic_add(arrive_ptr + c, 1, sem="acq_rel") == need - 1:
-                    _silu_chunk(pg_ptr, h_ptr, td_ptr, didx_ptr, dxv_ptr, dcnt_ptr, c, I, NS, HC, SB)
-                    tl.debug_barrier()
-                    tl.atomic_xchg(ready_ptr + c, 1, sem="release")
-            else:
-                v = u - U
-                n = v % T_D
-                cp = v // T_D                       # chunk * SPLIT_D + part: the partial row
-                c = cp // SPLIT_D
-                while tl.atomic_add(ready_ptr + c, 0, sem="acquire") == 0:
-                    pass
-                cols = n * BN_D + tl.arange(0, BN_D)
-                cmask = cols < D
-                lo, hi = _list_part(tl.load(dcnt_ptr + c), cp % SPLIT_D, SPLIT_D, BK_D)
-                acc = _list_walk(didx_ptr, dxv_ptr, c * HC, lo, hi, wd_ptr, D, cols, cmask, BN_D, BK_D)
-                first = (tl.arange(0, 16) == 0)[:, None]
-                tl.store(out_ptr + cp * D + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc,
-                         mask=first & cmask[None, :])
-            u = nxt
+        if PERSIST:
+            while u < U + V:
+                nxt = tl.atomic_add(ctr_ptr, 1, sem="relaxed")  # taken early: its latency overlaps this item
+                _mlp_item(u, gidx_ptr, gxv_ptr, gcnt_ptr, wgu_ptr, pg_ptr, td_ptr, h_ptr, didx_ptr, dxv_ptr,
+                          dcnt_ptr, wd_ptr, out_ptr, arrive_ptr, ready_ptr, D, I, T_GU, T_D, U, NSEG_GU, SEG_GU,
+                          SPLIT_GU, BN_GU, BK_GU, HC, SPLIT_D, BN_D, BK_D, SB, ALIGN_GU)
+                u = nxt
+        else:
+            _mlp_item(u, gidx_ptr, gxv_ptr, gcnt_ptr, wgu_ptr, pg_ptr, td_ptr, h_ptr, didx_ptr, dxv_ptr,
+                      dcnt_ptr, wd_ptr, out_ptr, arrive_ptr, ready_ptr, D, I, T_GU, T_D, U, NSEG_GU, SEG_GU,
+                      SPLIT_GU, BN_GU, BK_GU, HC, SPLIT_D, BN_D, BK_D, SB, ALIGN_GU)
         # the last program out resets the counters for the next launch (graph replay, next layer)
         tl.debug_barrier()
         if tl.atomic_add(ctr_ptr + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-            z = tl.arange(0, 2)
-            tl.store(ctr_ptr + z, tl.zeros((2,), dtype=tl.int32))
+            tl.store(ctr_ptr + tl.arange(0, 2), tl.zeros((2,), dtype=tl.int32))
             for c0 in range(0, 2 * NCH, 64):
                 o = c0 + tl.arange(0, 64)
                 tl.store(arrive_ptr + o, tl.zeros((64,), dtype=tl.int32), mask=o < 2 * NCH)
+
+
+SILU_BLOCK = 1024  # channels per step of the chunk's SiLU*mul (one program does the chunk: fewer, wider steps)
 
 
 def mlp_supported(I: int, cfg_gu: GemvConfig, cfg_d: GemvConfig) -> bool:
@@ -143,10 +162,11 @@ def counter_buffer(I: int, hc: int, device) -> torch.Tensor:
 def launch_fused_mlp(glists: tuple[torch.Tensor, ...], wgu: torch.Tensor, td: torch.Tensor, wd: torch.Tensor,
                      cfg_gu: GemvConfig, cfg_d: GemvConfig, dlists: tuple[torch.Tensor, ...],
                      counters: torch.Tensor, h: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     occupancy: int = 4, n_sm: int | None = None, runner=None, pdl: bool = False) -> torch.Tensor:
+                     occupancy: int = 0, n_sm: int | None = None, runner=None, pdl: bool = False) -> torch.Tensor:
     """glists = (idx [2, D], xv [2, D], cnt [2, D/kr_gu]): gate|up's input lists; wgu [D, 2I]; td [1, I] down's
     thresholds; wd [I, D]; dlists: down's list buffers (segments of cfg_d.kr) that the kernel fills; counters from
-    `counter_buffer`. Returns down's fp32 partials [ceil(I / cfg_d.kr) * cfg_d.split, 1, D] (h -> `h` if given)."""
+    `counter_buffer`. occupancy > 0: a persistent grid of that many programs per SM; 0: one program per item.
+    Returns down's fp32 partials [ceil(I / cfg_d.kr) * cfg_d.split, 1, D] (h -> `h` if given)."""
     assert HAVE_TRITON, "triton is not installed"
     gidx, gxv, gcnt = glists
     didx, dxv, dcnt = dlists
@@ -165,16 +185,18 @@ def launch_fused_mlp(glists: tuple[torch.Tensor, ...], wgu: torch.Tensor, td: to
         out = torch.empty((nch * cfg_d.split, 1, D), device=wgu.device, dtype=torch.float32)
     t_gu, t_d = math.ceil(I / cfg_gu.block_n), math.ceil(D / cfg_d.block_n)
     items = t_gu * 2 * ns + nch * cfg_d.split * t_d
-    if n_sm is None:
-        n_sm = torch.cuda.get_device_properties(wgu.device).multi_processor_count if wgu.is_cuda else 4
-    grid = max(1, min(items, n_sm * occupancy))
+    grid = items
+    if occupancy > 0:
+        if n_sm is None:
+            n_sm = torch.cuda.get_device_properties(wgu.device).multi_processor_count if wgu.is_cuda else 4
+        grid = max(1, min(items, n_sm * occupancy))
     kernel = _fused_mlp_kernel if runner is None else runner(_fused_mlp_kernel)
     kernel[(grid,)](
         gidx, gxv, gcnt, wgu, pg, td, h, didx, dxv, dcnt, wd, out, counters,
         D, I, nch, t_gu, t_d,
         NSEG_GU=gcnt.shape[1], SEG_GU=cfg_gu.kr, SPLIT_GU=cfg_gu.split, BN_GU=cfg_gu.block_n, BK_GU=cfg_gu.block_k,
         HC=cfg_d.kr, SPLIT_D=cfg_d.split, BN_D=cfg_d.block_n, BK_D=cfg_d.block_k,
-        SB=min(512, cfg_d.kr), ALIGN_GU=_align([I, I]),
+        SB=min(SILU_BLOCK, cfg_d.kr), ALIGN_GU=_align([I, I]), PERSIST=occupancy > 0,
         num_warps=max(cfg_gu.num_warps, cfg_d.num_warps), num_stages=max(cfg_gu.num_stages, cfg_d.num_stages),
         **pdl_kwargs(pdl))
     return out
