@@ -12,6 +12,6 @@ timeout "${TEST_TIMEOUT:-120}" python -m pytest -m gpu -q -p no:cacheprovider te
 tail -3 "$OUT/pytest_gpu.log"
 timeout "${BENCH_TIMEOUT:-190}" python benchmarks/decode_h200.py --models "${MODELS:-llama-3.1-8b}" --batches 1 \
     --levels 0.5 --no-nonuniform --contexts "" --runs 2 --configs benchmarks/results/decode_h200.json \
-    --no-kernel-table --budget-s "${BENCH_BUDGET:-175}" --out "$OUT/decode_h200_v5" > "$OUT/bench.log" 2>&1
+    --no-kernel-table --v5 --mlp-block --budget-s "${BENCH_BUDGET:-175}" --out "$OUT/decode_h200_v5" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"
 grep -E "tok/s|mlp block|v4 tokens|v5 tokens|FAILED|budget|Error|error" "$OUT/bench.log" | tail -40

@@ -119,6 +119,8 @@ INTERP = textwrap.dedent("""
             (3, 300, [64, 32, 32], False, GemvConfig(block_n=32, kr=128, block_k=16, chunk=64, **kw), torch.float16),
             (1, 256, [80], True, GemvConfig(block_n=32, kr=128, block_k=16, chunk=128, **kw), torch.float16),
             (8, 200, [40, 24], False, GemvConfig(block_n=16, kr=64, block_k=32, chunk=32, **kw), torch.float16)]
+    cases += [(B, 300, [64, 32, 32], False, GemvConfig(block_n=32, kr=128, block_k=16, compact=False,
+                                                      skip_rows=False), torch.float16) for B in (1, 3, 8)]
     for (B, K, widths, dense, cfg, dt) in cases:
         N = sum(widths)
         x = torch.randn(B, K).to(dt)
@@ -263,7 +265,8 @@ GPU_CONFIGS = [None, GemvConfig(block_n=64, kr=256, block_k=32, compact=True),
                GemvConfig(block_n=128, kr=512, block_k=32, use_dot=False, compact=True),
                GemvConfig(block_n=128, kr=1024, block_k=64, num_stages=5, listed=True),
                GemvConfig(block_n=128, kr=4096, block_k=64, num_stages=8, listed=True, split=2),
-               GemvConfig(block_n=256, kr=512, block_k=32, num_warps=8, num_stages=8, listed=True, split=3)]
+               GemvConfig(block_n=256, kr=512, block_k=32, num_warps=8, num_stages=8, listed=True, split=3),
+               GemvConfig(block_n=128, kr=512, block_k=64, compact=False, num_stages=3, skip_rows=False)]
 
 
 @pytest.mark.gpu

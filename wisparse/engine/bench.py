@@ -14,7 +14,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,12 @@ SWEEP_LIST = [
     (128, 1024, 64, 4, 5, True, False, False, True, 2),
     # long segments with more bytes in flight per program (the big shapes sat at 74.6-75.1% of copy bandwidth)
     (128, 2048, 32, 4, 8, True, False, False, True, 1), (128, 2048, 128, 8, 3, True, False, False, True, 1),
+    # around run 6's winners (kr 1024-2048, BLOCK_K 32-64, 4 warps): pipeline depth, warps, whole-K lists in two
+    # parts (2 partials), narrower tiles on long lists
+    (128, 2048, 64, 4, 4, True, False, False, True, 1), (128, 2048, 64, 4, 6, True, False, False, True, 1),
+    (128, 2048, 64, 8, 5, True, False, False, True, 1), (128, 1024, 64, 8, 5, True, False, False, True, 1),
+    (128, 4096, 64, 4, 5, True, False, False, True, 2), (128, 4096, 32, 4, 8, True, False, False, True, 2),
+    (64, 2048, 64, 4, 5, True, False, False, True, 1), (128, 1024, 32, 4, 10, True, False, False, True, 1),
 ]
 SWEEP_SPARSE = [(128, 512, 64, 4, 3, True, False, False), (128, 512, 64, 4, 2, True, True, False)] + SWEEP_LIST
 SWEEP_DENSE = [
@@ -124,6 +130,9 @@ SWEEP_DENSE = [
 SWEEP_BATCH = [
     (128, 1024, 64, 4, 3, True, False, False), (128, 512, 64, 4, 3, True, False, False),
     (128, 512, 64, 4, 2, True, True, False), (128, 1024, 64, 4, 1, True, True, True),
+    # every weight row read (no skipping on the union of the rows' masks, which is nearly dense at batch 8 and 50%):
+    # the loads no longer wait on x and the threshold test, so they pipeline like the dense kernel's
+    (128, 512, 64, 4, 3, True, False, False, False, 1, False), (128, 1024, 64, 4, 3, True, False, False, False, 1, False),
 ]
 SWEEP = SWEEP_SPARSE + SWEEP_DENSE + SWEEP_BATCH
 
@@ -131,15 +140,17 @@ SWEEP = SWEEP_SPARSE + SWEEP_DENSE + SWEEP_BATCH
 def _cfg(t) -> GemvConfig:
     bn, kr, bk, nw, ns, dot, compact, prefetch = t[:8]
     listed, split = (t[8], t[9]) if len(t) > 8 else (False, 1)
+    skip_rows = t[10] if len(t) > 10 else True
     return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=dot,
-                      compact=compact, prefetch=prefetch, listed=listed, split=split)
+                      compact=compact, prefetch=prefetch, listed=listed, split=split, skip_rows=skip_rows)
 
 
 def _mode(t) -> str:
-    """Short tag of a sweep tuple: M masked, C compact, CP compact+prefetch, L listed (split s: Ls)."""
+    """Short tag of a sweep tuple: M masked, C compact, CP compact+prefetch, L listed (split s: Ls), MA masked
+    reading every row."""
     if len(t) > 8 and t[8]:
         return "L" + (str(t[9]) if t[9] > 1 else "")
-    return ("C" if t[6] else "M") + ("P" if t[7] else "")
+    return ("C" if t[6] else "M") + ("P" if t[7] else "") + ("A" if len(t) > 10 and not t[10] else "")
 
 
 def _fits(K: int, N: int, t) -> bool:
@@ -210,11 +221,12 @@ def time_kernel(K: int, widths: list[int], B: int, sparsity: float, cfg: GemvCon
         tm = _graph_time(lambda i: launch_sparse_gemv(xs[i % len(xs)], wts[i % nw], t, widths, dense=dense,
                                                       config=cfg))
     # bytes actually read: surviving rows (union over the batch) of each projection + x + thresholds + partials
+    reads_all = dense or not (cfg.listed or cfg.compact or cfg.skip_rows)  # masked mode reading every row
     rows = 0
     for x in xs:
         c0 = 0
         for p, w in enumerate(widths):
-            keep = torch.ones(K, dtype=torch.bool, device="cuda") if dense else (x.abs().float() > t[p]).any(0)
+            keep = torch.ones(K, dtype=torch.bool, device="cuda") if reads_all else (x.abs().float() > t[p]).any(0)
             rows += int(keep.sum()) * w
             c0 += w
     rows /= len(xs)
@@ -360,7 +372,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
         context_new_tokens: int = 64, runs: int = 3, sweep: bool = True, configs_path: str | None = None,
         budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, sweep_models=None,
         v4: bool = True, resweep: tuple[str, ...] = (), kernel_table: bool = True, norm_compare: bool = False,
-        v5: bool = True, mlp_block: bool = True, log=print) -> dict:
+        v5: bool = False, mlp_block: bool = False, log=print) -> dict:
     import traceback
 
     import triton
@@ -503,15 +515,18 @@ def _kernel_table(res, log) -> None:
                 cfg = kops.get_config(K, N, B, dense)
                 # listed: the GEMV alone (lists written by the producer kernel, as in the decode step), and at 0.5
                 # also with the stand-alone compaction launch (what a caller without a fused producer pays)
-                variants = [("triton dense" if dense else "triton sparse", False)]
+                variants = [("triton dense" if dense else "triton sparse", False, cfg)]
                 if is_listed(cfg, B, dense):
-                    variants = [("triton sparse (lists)", True)] + ([("triton sparse + compact", False)]
-                                                                    if sp in (0.0, 0.5, 0.9) else [])
-                for path, pre in variants:
-                    r = time_kernel(K, widths, B, sp or 0.0, cfg, dense=dense, prelisted=pre)
+                    variants = [("triton sparse (lists)", True, cfg)] + ([("triton sparse + compact", False, cfg)]
+                                                                         if sp in (0.0, 0.5, 0.9) else [])
+                elif B > 1 and not dense and (cfg.skip_rows or cfg.compact):  # and reading every weight row
+                    variants.append(("triton sparse (every row)", False,
+                                     replace(cfg, compact=False, prefetch=False, skip_rows=False)))
+                for path, pre, vcfg in variants:
+                    r = time_kernel(K, widths, B, sp or 0.0, vcfg, dense=dense, prelisted=pre)
                     row = {"matrix": label, "B": B, "path": path, "sparsity": 0.0 if dense else sp, **r,
                            "copy_fraction": r["tbps"] / res["copy_tbps"], "vs_linear": lin["us"] / r["us"],
-                           "config": asdict(cfg)}
+                           "config": asdict(vcfg)}
                     res["kernels"].append(row)
                     log(f"kernel {label[:10]} B={B} {row['path']:23s} sp={row['sparsity']:.2f} "
                         f"(realised {r['realised']:.3f}): {r['us']:7.1f} us {r['tbps']:.2f} TB/s "
@@ -975,10 +990,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--no-v4", action="store_true",
                     help="skip the version-4 step rows (batch 1: dense and 0.50 with PDL; the first model also "
                          "without PDL)")
-    ap.add_argument("--no-v5", action="store_true",
-                    help="skip the version-5 rows (version 4 + the MLP in one persistent launch; batch 1)")
-    ap.add_argument("--no-mlp-block", action="store_true",
-                    help="skip the MLP-block table (three launches against the persistent kernel)")
+    ap.add_argument("--v5", action="store_true",
+                    help="add the version-5 rows (version 4 + the MLP in one persistent launch; batch 1; slower than "
+                         "version 4 in runs 7-8)")
+    ap.add_argument("--mlp-block", action="store_true",
+                    help="add the MLP-block table (three launches against the persistent kernel)")
     ap.add_argument("--norm-compare", action="store_true",
                     help="also decode with the one-program norm (batch 1, dense and 0.50) beside the split norm")
     ap.add_argument("--resweep", default="",
@@ -998,7 +1014,7 @@ def run_from_args(a) -> dict:
               sweep=not a.no_sweep, configs_path=a.configs, budget_s=a.budget_s,
               sweep_models=tuple(v for v in a.sweep_models.split(",") if v), v4=not a.no_v4,
               resweep=tuple(v for v in a.resweep.split(",") if v), kernel_table=not a.no_kernel_table,
-              norm_compare=a.norm_compare, v5=not a.no_v5, mlp_block=not a.no_mlp_block,
+              norm_compare=a.norm_compare, v5=a.v5, mlp_block=a.mlp_block,
               out_json=a.out + ".json", out_md=a.out + ".md")
     print(markdown(res))
     return res

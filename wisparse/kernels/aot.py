@@ -90,11 +90,12 @@ def _old_variants():
                 continue
             seen.add(key)
             mode = "dense" if dense else ("compact" + ("+prefetch" if cfg.prefetch else "") if cfg.compact
-                                          else "masked")
+                                          else "masked" + ("" if cfg.skip_rows else " (every row)"))
             label = f"gemv {mode} bn={cfg.block_n} kr={cfg.kr} bk={cfg.block_k} w={cfg.num_warps} st={cfg.num_stages}"
             yield (label, sg._sparse_gemv_kernel, ptr,
                    dict(ALIGN=8, KR=cfg.kr, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=min(cfg.kr, cfg.chunk),
-                        BLOCK_B=bb, DENSE=dense, USE_DOT=True, COMPACT=cfg.compact, PREFETCH=cfg.prefetch),
+                        BLOCK_B=bb, DENSE=dense, USE_DOT=True, COMPACT=cfg.compact, PREFETCH=cfg.prefetch,
+                        SKIP_ROWS=cfg.skip_rows),
                    cfg.num_warps, cfg.num_stages)
 
 

@@ -69,6 +69,8 @@ class GemvConfig:
     prefetch: bool = False  # compact mode: load the next chunk's indices and rows before this chunk's product
     listed: bool = False    # batch 1: read a precomputed list of surviving channels (segments of kr channels)
     split: int = 1          # listed: programs per segment along K; partials S = ceil(K / kr) * split
+    skip_rows: bool = True  # masked mode: skip weight rows no batch row keeps; False: read every row (the loads
+                            # then do not wait on x and the threshold test, and pipeline like dense; batch > 1)
 
 
 def _pow2_floor(n: int) -> int:
@@ -126,16 +128,20 @@ if HAVE_TRITON:
     @triton.jit
     def _tile_product(x_ptr, stride_xb, rows_b, bmask, tp, w_ptr, k, valid, cols, cmask, N, acc,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DENSE: tl.constexpr,
-                      TEST: tl.constexpr):
+                      TEST: tl.constexpr, SKIP_ROWS: tl.constexpr = True):
         """acc += (masked x[:, k]) @ W^T[k, cols]; rows of k that are not `valid` are not read.
-        TEST: apply the per-row threshold test here (masked mode / batch rows); else x at k is known to survive."""
+        TEST: apply the per-row threshold test here (masked mode / batch rows); else x at k is known to survive.
+        SKIP_ROWS (with TEST): rows that no batch row keeps are not read either."""
         xb = tl.load(x_ptr + rows_b[:, None] * stride_xb + k[None, :], mask=bmask[:, None] & valid[None, :],
                      other=0.0)
         if TEST and not DENSE:
             tk = tl.load(tp + k, mask=valid, other=float("inf"))
             keep = tl.abs(xb.to(tl.float32)) > tk[None, :]
             xb = tl.where(keep, xb, 0.0)
-            rowv = valid & (tl.max(keep.to(tl.int32), axis=0) > 0)
+            if SKIP_ROWS:
+                rowv = valid & (tl.max(keep.to(tl.int32), axis=0) > 0)
+            else:
+                rowv = valid
         else:
             rowv = valid
         w = tl.load(w_ptr + k.to(tl.int64)[:, None] * N + cols[None, :], mask=rowv[:, None] & cmask[None, :],
@@ -156,7 +162,7 @@ if HAVE_TRITON:
         ALIGN: tl.constexpr,
         KR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
         BLOCK_B: tl.constexpr, DENSE: tl.constexpr, USE_DOT: tl.constexpr, COMPACT: tl.constexpr,
-        PREFETCH: tl.constexpr, PDL: tl.constexpr = False,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr = False, SKIP_ROWS: tl.constexpr = True,
     ):
         _pdl_enter(PDL)
         pid_n = tl.program_id(0)
@@ -179,7 +185,7 @@ if HAVE_TRITON:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 k = k0 + jj
                 acc = _tile_product(x_ptr, stride_xb, rows_b, bmask, tp, w_ptr, k, k < k_hi, cols, cmask, N, acc,
-                                    BLOCK_B, BLOCK_K, USE_DOT, DENSE, True)
+                                    BLOCK_B, BLOCK_K, USE_DOT, DENSE, True, SKIP_ROWS)
         else:
             # phase 1: compact this program's surviving channels (union over batch rows) into its scratch list
             sbase = scratch_ptr + (pid_s * N_TILES + pid_n).to(tl.int64) * KR
@@ -356,7 +362,7 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
         x, wt, t, out, scratch, B, K, N, x.stride(0), w[0], w[1], w[2],
         tiles[0], tiles[0] + tiles[1], n_tiles, ALIGN=_align(widths),
         KR=kr, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=chunk, BLOCK_B=block_b,
-        DENSE=dense, USE_DOT=use_dot, COMPACT=cfg.compact, PREFETCH=cfg.prefetch,
+        DENSE=dense, USE_DOT=use_dot, COMPACT=cfg.compact, PREFETCH=cfg.prefetch, SKIP_ROWS=cfg.skip_rows,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl))
     return out
 
