@@ -1,13 +1,17 @@
 """Batch-1 sparse MLP in one persistent launch: gate|up list GEMV -> SiLU*mul (+ down's survivor lists) -> down
 list GEMV, with the stages handed over by arrival counters instead of kernel boundaries (version 5 of the step).
 
-Why: at 50% sparsity a Llama-3.1-8B layer spends ~18 us of its ~90 us in the fixed cost of its GEMV launches
-(drain of the previous grid, launch, the first dependent loads, the tail of the last wave; ~4.5 us each, run 6),
-and the same fixed cost in dense is what caps the ratio near 1.5x (`benchmarks/NOTES_gpu.md`). Here the three
-MLP launches become one: the down GEMV's first column tiles start while the last gate|up tiles are in flight.
+Why it was tried: at 50% sparsity a Llama-3.1-8B layer spends ~18 us of its ~90 us in the fixed cost of its GEMV
+launches (~4.5 us each, run 6), and the same fixed cost in dense is what caps the ratio near 1.5x
+(`benchmarks/NOTES_gpu.md`). Here the three MLP launches become one: the down GEMV's first column tiles start while
+the last gate|up tiles are in flight. Measured (runs 7-8, H200): bitwise equal, but slower than the three launches
+with PDL (52.4 us at 50%): 67.0 us with a persistent grid, whose programs run their items' dependent load chains
+one after another where separate launches run ~900 such chains at once, and 63.2 us with one program per item,
+where the hand-over (arrival atomics, one program doing a chunk's SiLU*mul, down programs spinning) costs more than
+the kernel boundaries it replaces. Opt-in (`Decoder.persistent_mlp`).
 
-Work items, handed out in order by an atomic ticket counter (a persistent grid of about `occupancy` programs per
-SM loops over them):
+Work items, handed out in order by an atomic ticket counter (one program per item by default; `occupancy` > 0: a
+persistent grid of that many programs per SM loops over them):
 * gate|up items (column tile j of gate or up, list part sp): ordered by tile, so the h channels of chunk 0
   (`hc` channels = down's list segment) are finished first. Each stores its fp32 partial tile, then counts itself
   in the chunk's arrival counter; the program that completes a chunk sums the chunk's partials, applies
@@ -202,7 +206,9 @@ def launch_fused_mlp(glists: tuple[torch.Tensor, ...], wgu: torch.Tensor, td: to
     return out
 
 
-def reference_fused_mlp(glists, wgu, td, wd, cfg_gu, cfg_d, dlists) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_fused_mlp(glists: tuple[torch.Tensor, ...], wgu: torch.Tensor, td: torch.Tensor, wd: torch.Tensor,
+                        cfg_gu: GemvConfig, cfg_d: GemvConfig, dlists: tuple[torch.Tensor, ...]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the kernel computes, in PyTorch: (down's partials, h); fills dlists like the kernel."""
     from .decode_ops import silu_mul
     from .sparse_gemv import reference_gemv_list
@@ -213,8 +219,9 @@ def reference_fused_mlp(glists, wgu, td, wd, cfg_gu, cfg_d, dlists) -> tuple[tor
     return reference_gemv_list(*dlists, wd, [wd.shape[1]], cfg_d), h
 
 
-def fused_mlp(glists, wgu, td, wd, cfg_gu, cfg_d, dlists, counters, pdl: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_mlp(glists: tuple[torch.Tensor, ...], wgu: torch.Tensor, td: torch.Tensor, wd: torch.Tensor,
+              cfg_gu: GemvConfig, cfg_d: GemvConfig, dlists: tuple[torch.Tensor, ...], counters: torch.Tensor,
+              pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-1 sparse MLP from gate|up's input lists: (down's fp32 partials, h = SiLU(gate) * up). The persistent
     Triton kernel on CUDA, its PyTorch reference elsewhere (same results)."""
     if wgu.is_cuda and HAVE_TRITON:
