@@ -714,6 +714,34 @@ def _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, l
         dops.SPLIT_NORM = True
 
 
+def _try_decode_rows(dec, gen, prompt, new_tokens, runs, name, label, log, errors: list) -> dict | None:
+    """`_decode_rows`, or None with the error recorded (e.g. PDL refused inside graph capture) so the next row runs."""
+    try:
+        return _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} {label}", log)
+    except Exception as e:
+        log(f"    {label} FAILED: {type(e).__name__}: {e}")
+        errors.append({"section": f"decode {name} {label}", "error": f"{type(e).__name__}: {e}"})
+        torch.cuda.synchronize()
+        return None
+
+
+def _against(row: dict, ref: dict | None, version: str) -> None:
+    """Compare a row with the same configuration's row of another step version (same thresholds, same prompt):
+    identical greedy tokens, speed ratio; the realised sparsity is the reference row's (same masks)."""
+    row[f"tokens_identical_to_{version}"] = None if ref is None else bool(torch.equal(row["_tokens"], ref["_tokens"]))
+    if ref is not None:
+        row[f"speedup_vs_{version}"] = row["tok_s"] / ref["tok_s"]
+        row["realised"] = ref.get("realised", {})
+
+
+def _against_fastest_dense(rows: list[dict]) -> None:
+    """Sparse rows' speedups against the fastest dense row of the loop (the issue's definition of dense)."""
+    dense = max(r["tok_s"] for r in rows if r["nominal"] == 0.0)
+    for r in rows:
+        if r["nominal"] > 0:
+            r["speedup_vs_dense"] = r["tok_s"] / dense
+
+
 def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list, no_pdl: bool = True) -> None:
     """Version-4 step (the library default: fused attention, o lists from the combine, PDL) next to version 3's rows
     of the same run, batch 1: dense (Triton GEMVs) and uniform 0.50, with PDL and (`no_pdl`) without. Each row
@@ -731,28 +759,19 @@ def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: li
                 dec.set_thresholds(th[("uniform", 0.5)])
             dec.sparse, dec.pdl = sparse, pdl
             label = f"v4 {cfg}" + ("" if pdl else " no PDL")
-            try:
-                r = _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} {label}", log)
-            except Exception as e:  # e.g. PDL refused inside graph capture: record it, try the next row
-                log(f"    {label} FAILED: {type(e).__name__}: {e}")
-                errors.append({"section": f"decode {name} {label}", "error": f"{type(e).__name__}: {e}"})
-                torch.cuda.synchronize()
+            r = _try_decode_rows(dec, gen, prompt, new_tokens, runs, name, label, log, errors)
+            if r is None:
                 continue
-            ref = v3.get(cfg)
-            same = None if ref is None else bool(torch.equal(r["_tokens"], ref["_tokens"]))
             row = {"model": name, "B": 1, "ctx": prompt.shape[1], "config": label, "nominal": 0.5 if sparse else 0.0,
-                   "step": "v4", "pdl": pdl, "tokens_identical_to_v3": same, **r}
-            if ref is not None:
-                row["speedup_vs_v3"] = r["tok_s"] / ref["tok_s"]
-                row["realised"] = ref.get("realised", {})
+                   "step": "v4", "pdl": pdl, **r}
+            _against(row, v3.get(cfg), "v3")
             rows.append(row)
-            log(f"    v4 tokens identical to v3: {same}; vs v3 {row.get('speedup_vs_v3', float('nan')):.3f}x")
-        dense = max(r["tok_s"] for r in rows if r["nominal"] == 0.0)
-        for r in rows:  # speedups against the fastest dense of the loop (version 4's dense may be the fastest)
-            if r["nominal"] > 0:
-                if "speedup_vs_dense" in r:  # version 3's rows keep their ratio to version 3's dense rows too
-                    r.setdefault("speedup_vs_dense_v3_rows", r["speedup_vs_dense"])
-                r["speedup_vs_dense"] = r["tok_s"] / dense
+            log(f"    v4 tokens identical to v3: {row['tokens_identical_to_v3']}; "
+                f"vs v3 {row.get('speedup_vs_v3', float('nan')):.3f}x")
+        for r in rows:  # version 3's rows keep their ratio to version 3's dense rows too
+            if r["nominal"] > 0 and "speedup_vs_dense" in r:
+                r.setdefault("speedup_vs_dense_v3_rows", r["speedup_vs_dense"])
+        _against_fastest_dense(rows)
     finally:
         dec.fused, dec.pdl = False, True
 
@@ -773,26 +792,15 @@ def _v5_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: li
                 dec.set_thresholds({(i, g): torch.zeros_like(grp.t) for i, g, grp in dec.groups()})
             dec.sparse = True
             label = f"v5 {cfg}"
-            try:
-                r = _decode_rows(dec, gen, prompt, new_tokens, runs, f"{name} {label}", log)
-            except Exception as e:
-                log(f"    {label} FAILED: {type(e).__name__}: {e}")
-                errors.append({"section": f"decode {name} {label}", "error": f"{type(e).__name__}: {e}"})
-                torch.cuda.synchronize()
+            r = _try_decode_rows(dec, gen, prompt, new_tokens, runs, name, label, log, errors)
+            if r is None:
                 continue
-            ref = v4.get(cfg)
-            same = None if ref is None else bool(torch.equal(r["_tokens"], ref["_tokens"]))
-            row = {"model": name, "B": 1, "ctx": prompt.shape[1], "config": label, "nominal": level, "step": "v5",
-                   "tokens_identical_to_v4": same, **r}
-            if ref is not None:
-                row["speedup_vs_v4"] = r["tok_s"] / ref["tok_s"]
-                row["realised"] = ref.get("realised", {})
+            row = {"model": name, "B": 1, "ctx": prompt.shape[1], "config": label, "nominal": level, "step": "v5", **r}
+            _against(row, v4.get(cfg), "v4")
             rows.append(row)
-            log(f"    v5 tokens identical to v4: {same}; vs v4 {row.get('speedup_vs_v4', float('nan')):.3f}x")
-        dense = max(r["tok_s"] for r in rows if r["nominal"] == 0.0)
-        for r in rows:
-            if r["nominal"] > 0:
-                r["speedup_vs_dense"] = r["tok_s"] / dense
+            log(f"    v5 tokens identical to v4: {row['tokens_identical_to_v4']}; "
+                f"vs v4 {row.get('speedup_vs_v4', float('nan')):.3f}x")
+        _against_fastest_dense(rows)
     finally:
         dec.fused, dec.persistent_mlp = False, False
 
