@@ -37,7 +37,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .sparse_gemv import _list_part, _list_walk, _pdl_enter
+    from .sparse_gemv import _list_part, _list_walk, _pdl_enter, _store_row0
 
     @triton.jit
     def _silu_chunk(pg_ptr, h_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, c, I, S: tl.constexpr, HC: tl.constexpr,
@@ -76,7 +76,6 @@ if HAVE_TRITON:
         item (waits for its chunk's ready flag)."""
         NS: tl.constexpr = NSEG_GU * SPLIT_GU   # gate|up partial rows
         TPC: tl.constexpr = HC // BN_GU         # gate (or up) column tiles per h chunk
-        first = (tl.arange(0, 16) == 0)[:, None]
         if u < U:
             j = u // (2 * NS)
             r = u % (2 * NS)
@@ -89,8 +88,7 @@ if HAVE_TRITON:
             lo, hi = _list_part(tl.load(gcnt_ptr + p * NSEG_GU + seg), sp % SPLIT_GU, SPLIT_GU, BK_GU)
             acc = _list_walk(gidx_ptr, gxv_ptr, p * D + seg * SEG_GU, lo, hi, wgu_ptr, 2 * I, cols, cmask,
                              BN_GU, BK_GU)
-            tl.store(pg_ptr + sp * 2 * I + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc,
-                     mask=first & cmask[None, :])
+            _store_row0(pg_ptr + sp * 2 * I, cols, cmask, acc)
             tl.debug_barrier()  # every thread's partial stores precede the release below
             c = j // TPC
             need = tl.minimum(TPC, T_GU - c * TPC) * 2 * NS
@@ -109,8 +107,7 @@ if HAVE_TRITON:
             cmask = cols < D
             lo, hi = _list_part(tl.load(dcnt_ptr + c), cp % SPLIT_D, SPLIT_D, BK_D)
             acc = _list_walk(didx_ptr, dxv_ptr, c * HC, lo, hi, wd_ptr, D, cols, cmask, BN_D, BK_D)
-            tl.store(out_ptr + cp * D + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc,
-                     mask=first & cmask[None, :])
+            _store_row0(out_ptr + cp * D, cols, cmask, acc)
 
     @triton.jit
     def _fused_mlp_kernel(

@@ -304,6 +304,12 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit
+    def _store_row0(row_ptr, cols, cmask, acc):
+        """Store row 0 of a `_list_walk` tile (the only non-zero row) at row_ptr[cols]."""
+        first = (tl.arange(0, 16) == 0)[:, None]
+        tl.store(row_ptr + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc, mask=first & cmask[None, :])
+
+    @triton.jit
     def _gemv_list_kernel(
         idx_ptr, xv_ptr, cnt_ptr, w_ptr, out_ptr,
         K, N, NSEG, W0, W1, W2, T1, T2,
@@ -319,8 +325,7 @@ if HAVE_TRITON:
         seg = pid_s // SPLIT
         lo, hi = _list_part(tl.load(cnt_ptr + p * NSEG + seg), pid_s % SPLIT, SPLIT, BLOCK_K)
         acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, BLOCK_N, BLOCK_K)
-        first = (tl.arange(0, 16) == 0)[:, None]
-        tl.store(out_ptr + pid_s * N + cols[None, :] + tl.arange(0, 16)[:, None] * 0, acc, mask=first & cmask[None, :])
+        _store_row0(out_ptr + pid_s * N, cols, cmask, acc)
 
 
 def _align(widths: list[int]) -> int:
