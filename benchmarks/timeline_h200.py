@@ -1,0 +1,156 @@
+"""Where a decode step's time goes inside the real loop: a kernel timeline of CUDA-graph replays (H200).
+
+`python benchmarks/timeline_h200.py --out DIR` builds the Llama-3.1-8B shape (random weights, bf16), installs the
+launch configurations of an earlier benchmark run, and for the dense and the uniform-0.50 step (version 4 by
+default) records a few graph replays with `torch.profiler` (CUPTI reports each kernel of a replayed graph). Per
+kernel it gives its duration and its *increment*: end minus the previous kernel's end, i.e. what the kernel adds
+to the step's critical path when kernels run one after another (with PDL a kernel starts before its predecessor
+ends, so start-to-end durations overlap and do not add up; increments do). Written: timeline.json (every kernel of
+one replay) and timeline.md (per kernel kind: count per token, mean duration, mean increment, increment per token).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from wisparse.engine.bench import _shape_dims, install_configs, time_decode  # noqa: E402
+from wisparse.engine.calibrate import calibrate, uniform_levels  # noqa: E402
+from wisparse.engine.generate import GraphGenerator  # noqa: E402
+from wisparse.engine.model import Decoder  # noqa: E402
+
+GEMV_NAMES = ("_gemv_list_kernel", "_sparse_gemv_kernel", "_fused_mlp")
+
+
+def _kernels_of_replays(gen, replays: int, trace_path: str) -> list[list[dict]]:
+    """Kernel events (name, grid, start/end in us) of each of `replays` graph replays, in start order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            gen.replay()
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as f:
+        ev = json.load(f)["traceEvents"]
+    ks = sorted(({"name": e["name"], "grid": tuple(e.get("args", {}).get("grid", ())), "start": float(e["ts"]),
+                  "end": float(e["ts"]) + float(e["dur"])} for e in ev if e.get("cat") == "kernel"),
+                key=lambda k: k["start"])
+    # replays are separated by a host synchronisation: split at the largest gaps
+    gaps = sorted(range(1, len(ks)), key=lambda i: ks[i]["start"] - ks[i - 1]["end"], reverse=True)[:replays - 1]
+    cuts = [0] + sorted(gaps) + [len(ks)]
+    return [ks[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _label(k: dict) -> str:
+    """Kernel kind: GEMVs by name and grid (the grid tells the group apart), the rest by name."""
+    name = k["name"]
+    short = next((g for g in GEMV_NAMES if g in name), None)
+    if short is not None:
+        return f"{short} grid {k['grid']}"
+    return name[:60]
+
+
+def summarise(replay: list[dict], n_layers: int) -> dict:
+    rows = {}
+    prev_end = replay[0]["start"]
+    out = []
+    for k in replay:
+        inc = k["end"] - prev_end
+        lab = _label(k)
+        r = rows.setdefault(lab, {"kernel": lab, "count": 0, "dur": [], "inc": [], "gap": []})
+        r["count"] += 1
+        r["dur"].append(k["end"] - k["start"])
+        r["inc"].append(inc)
+        r["gap"].append(k["start"] - prev_end)
+        out.append({**k, "inc": inc, "label": lab})
+        prev_end = max(prev_end, k["end"])
+    table = []
+    for r in rows.values():
+        table.append({"kernel": r["kernel"], "per_token": r["count"], "mean_dur_us": statistics.mean(r["dur"]),
+                      "mean_inc_us": statistics.mean(r["inc"]), "mean_gap_us": statistics.mean(r["gap"]),
+                      "inc_per_token_us": sum(r["inc"])})
+    table.sort(key=lambda r: -r["inc_per_token_us"])
+    step = replay[-1]["end"] - replay[0]["start"]
+    return {"step_us": step, "kernels_per_token": len(replay), "table": table, "replay": out,
+            "per_layer_us": step / n_layers}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--configs", default="benchmarks/results/decode_h200.json")
+    ap.add_argument("--level", type=float, default=0.5)
+    ap.add_argument("--replays", type=int, default=4)
+    ap.add_argument("--v3", action="store_true", help="version 3 step instead of version 4")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    dims = _shape_dims(a.model)
+    shapes = {f"{K}x{sum(w)}x{len(w)}": (K, w) for K, w in dims.values()}
+    shapes["4096x14336x1"] = (4096, [14336])
+    with open(a.configs) as f:
+        best = json.load(f)["configs"]
+    install_configs({k: v for k, v in best.items() if k.split("|")[0] in shapes}, shapes)
+    dec = Decoder.random(a.model, device="cuda", dtype=torch.bfloat16, seed=0, fused=not a.v3)
+    prompt = torch.randint(0, dec.V, (1, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    gen = GraphGenerator(dec, batch=1, max_len=128 + 256 + 64, max_new_tokens=256)
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model,
+           "step": "v3" if a.v3 else "v4", "rows": {}}
+    th = None
+    for label, sparse in (("dense", False), (f"uniform {a.level:.2f}", True)):
+        if sparse:
+            th = calibrate(dec, uniform_levels(dec, a.level))
+            dec.set_thresholds(th)
+        dec.sparse = sparse
+        gen.graph = None
+        speed = time_decode(gen, prompt, 256, 2)
+        speed.pop("tokens")
+        gen.prefill(prompt)
+        gen.decode(16)  # position ~144: the attention reads a context like the benchmark's middle
+        reps = _kernels_of_replays(gen, a.replays, os.path.join(a.out, f"trace_{'sparse' if sparse else 'dense'}.json"))
+        sums = [summarise(r, len(dec.layers)) for r in reps[1:]]  # the first replay warms the profiler
+        best_i = min(range(len(sums)), key=lambda i: sums[i]["step_us"])
+        s = sums[best_i]
+        s["step_us_all"] = [x["step_us"] for x in sums]
+        s["decode_tok_s_unprofiled"] = speed["tok_s"]
+        res["rows"][label] = s
+        print(f"{label}: {speed['tok_s']:.1f} tok/s unprofiled ({1e6 / speed['tok_s']:.0f} us/token); profiled "
+              f"steps {', '.join(f'{x:.0f}' for x in s['step_us_all'])} us; {s['kernels_per_token']} kernels")
+        for r in s["table"][:14]:
+            print(f"  {r['kernel'][:70]:70s} x{r['per_token']:3d} dur {r['mean_dur_us']:6.2f} inc "
+                  f"{r['mean_inc_us']:6.2f} gap {r['mean_gap_us']:6.2f} -> {r['inc_per_token_us']:7.1f} us/token")
+    res["elapsed_s"] = time.time() - t0
+    with open(os.path.join(a.out, "timeline.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    with open(os.path.join(a.out, "timeline.md"), "w") as f:
+        f.write(markdown(res))
+
+
+def markdown(res: dict) -> str:
+    L = [f"# Decode-step timeline on {res['gpu']} ({res['model']}, {res['step']}, batch 1, torch {res['torch']})",
+         "", "Kernel timestamps from CUPTI (torch.profiler) over graph replays; the fastest replay shown. "
+         "inc = end minus the previous kernel's end (the kernel's share of the critical path).", ""]
+    for label, s in res["rows"].items():
+        L += [f"## {label}: profiled step {s['step_us']:.0f} us ({s['per_layer_us']:.1f} us per layer), unprofiled "
+              f"{1e6 / s['decode_tok_s_unprofiled']:.0f} us ({s['decode_tok_s_unprofiled']:.1f} tok/s)", "",
+              "| kernel | per token | mean duration us | mean increment us | mean gap us | increment per token us |",
+              "|---|---|---|---|---|---|"]
+        for r in s["table"]:
+            L.append(f"| {r['kernel']} | {r['per_token']} | {r['mean_dur_us']:.2f} | {r['mean_inc_us']:.2f} | "
+                     f"{r['mean_gap_us']:.2f} | {r['inc_per_token_us']:.1f} |")
+        L.append("")
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    main()
