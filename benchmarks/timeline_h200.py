@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from wisparse.engine.bench import _shape_dims, install_configs, time_decode  # noqa: E402
 from wisparse.engine.calibrate import calibrate, uniform_levels  # noqa: E402
 from wisparse.engine.generate import GraphGenerator  # noqa: E402
+from wisparse.engine import model as model_mod  # noqa: E402
 from wisparse.engine.model import Decoder  # noqa: E402
 
 GEMV_NAMES = ("_gemv_list_kernel", "_sparse_gemv_kernel", "_fused_mlp")
@@ -91,6 +92,8 @@ def main(argv=None) -> None:
     ap.add_argument("--level", type=float, default=0.5)
     ap.add_argument("--replays", type=int, default=4)
     ap.add_argument("--v3", action="store_true", help="version 3 step instead of version 4")
+    ap.add_argument("--whole-lists", action="store_true",
+                    help="also the sparse step with whole-segment survivor lists (one producer program per segment)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -106,29 +109,46 @@ def main(argv=None) -> None:
     gen = GraphGenerator(dec, batch=1, max_len=128 + 256 + 64, max_new_tokens=256)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model,
            "step": "v3" if a.v3 else "v4", "rows": {}}
+    whole = {g: 1 << 30 for g in model_mod.LIST_SUB}  # no size divides a segment: whole-segment lists
+    variants = [("dense", False, None), (f"uniform {a.level:.2f}", True, None)]
+    if a.whole_lists:
+        variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole))
     th = None
-    for label, sparse in (("dense", False), (f"uniform {a.level:.2f}", True)):
-        if sparse:
+    default_sub = dict(model_mod.LIST_SUB)
+    for label, sparse, sub in variants:
+        if sparse and th is None:
             th = calibrate(dec, uniform_levels(dec, a.level))
             dec.set_thresholds(th)
         dec.sparse = sparse
+        model_mod.LIST_SUB.clear()
+        model_mod.LIST_SUB.update(sub or default_sub)
         gen.graph = None
         speed = time_decode(gen, prompt, 256, 2)
-        speed.pop("tokens")
+        toks = speed.pop("tokens")
         gen.prefill(prompt)
         gen.decode(16)  # position ~144: the attention reads a context like the benchmark's middle
-        reps = _kernels_of_replays(gen, a.replays, os.path.join(a.out, f"trace_{'sparse' if sparse else 'dense'}.json"))
+        tag = label.replace(" ", "_").replace(",", "")
+        reps = _kernels_of_replays(gen, a.replays, os.path.join(a.out, f"trace_{tag}.json"))
         sums = [summarise(r, len(dec.layers)) for r in reps[1:]]  # the first replay warms the profiler
         best_i = min(range(len(sums)), key=lambda i: sums[i]["step_us"])
         s = sums[best_i]
         s["step_us_all"] = [x["step_us"] for x in sums]
         s["decode_tok_s_unprofiled"] = speed["tok_s"]
+        s["decode_runs_tok_s"] = speed["runs_tok_s"]
+        s["tokens_head"] = toks[0, :8].tolist()
+        s["list_sub"] = dict(model_mod.LIST_SUB) if sparse else None
         res["rows"][label] = s
         print(f"{label}: {speed['tok_s']:.1f} tok/s unprofiled ({1e6 / speed['tok_s']:.0f} us/token); profiled "
-              f"steps {', '.join(f'{x:.0f}' for x in s['step_us_all'])} us; {s['kernels_per_token']} kernels")
+              f"steps {', '.join(f'{x:.0f}' for x in s['step_us_all'])} us; {s['kernels_per_token']} kernels; "
+              f"tokens {s['tokens_head']}")
         for r in s["table"][:14]:
             print(f"  {r['kernel'][:70]:70s} x{r['per_token']:3d} dur {r['mean_dur_us']:6.2f} inc "
                   f"{r['mean_inc_us']:6.2f} gap {r['mean_gap_us']:6.2f} -> {r['inc_per_token_us']:7.1f} us/token")
+    model_mod.LIST_SUB.update(default_sub)
+    dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]
+    for label, s in res["rows"].items():
+        s["speedup_vs_dense"] = s["decode_tok_s_unprofiled"] / dense_tok_s
+        print(f"{label}: {s['decode_tok_s_unprofiled']:.1f} tok/s, {s['speedup_vs_dense']:.3f}x of this run's dense")
     res["elapsed_s"] = time.time() - t0
     with open(os.path.join(a.out, "timeline.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
@@ -142,7 +162,9 @@ def markdown(res: dict) -> str:
          "inc = end minus the previous kernel's end (the kernel's share of the critical path).", ""]
     for label, s in res["rows"].items():
         L += [f"## {label}: profiled step {s['step_us']:.0f} us ({s['per_layer_us']:.1f} us per layer), unprofiled "
-              f"{1e6 / s['decode_tok_s_unprofiled']:.0f} us ({s['decode_tok_s_unprofiled']:.1f} tok/s)", "",
+              f"{1e6 / s['decode_tok_s_unprofiled']:.0f} us ({s['decode_tok_s_unprofiled']:.1f} tok/s, "
+              f"{s.get('speedup_vs_dense', float('nan')):.3f}x of dense)" + (f"; sub-lists {s['list_sub']}"
+                                                                         if s.get("list_sub") else ""), "",
               "| kernel | per token | mean duration us | mean increment us | mean gap us | increment per token us |",
               "|---|---|---|---|---|---|"]
         for r in s["table"]:

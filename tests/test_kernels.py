@@ -62,6 +62,26 @@ def test_cpu_listed_reference_matches_float64(seg, split, block_k, sparsity):
     assert ((out.sum(0).double() - ref).norm() / ref.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("seg,sub,split", [(256, 64, 1), (512, 128, 2), (128, 32, 3)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_cpu_sub_lists_match_whole_segments(seg, sub, split, sparsity):
+    """Lists written as sub-lists (more, smaller producer programs) give the GEMV the same partials as whole-segment
+    lists, bitwise (the same survivors in the same order), and match float64; K = 700 leaves a partial last
+    segment and a partial last sub-list."""
+    from wisparse.kernels.sparse_gemv import reference_compact, reference_gemv_list
+
+    widths = [40, 24]
+    x, wt, t = _case(700, widths, 1, sparsity, torch.float32, seed=seg + sub)
+    cfg = GemvConfig(block_n=32, kr=seg, block_k=16, listed=True, split=split)
+    whole = reference_gemv_list(*reference_compact(x, t, seg), wt, widths, cfg)
+    subs = reference_compact(x, t, sub)
+    assert subs[2].shape == (2, -(-700 // sub))
+    out = reference_gemv_list(*subs, wt, widths, cfg, sub=sub)
+    assert torch.equal(out, whole)
+    ref = _ref64(x, wt, t, widths)
+    assert ((out.sum(0).double() - ref).norm() / ref.norm()) < 1e-6
+
+
 def test_cpu_partials_layout_and_dense():
     x, wt, t = _case(300, [32, 32], 2, 0.5, torch.float32)
     kr = get_config(300, 64, 2).kr
@@ -181,6 +201,24 @@ INTERP = textwrap.dedent("""
         launch_sparse_gemv(x, wt, t, widths, config=cfg, out=out)
         ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
         worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
+    # sub-lists: the list GEMV walks a segment's sub-lists (written by the compaction kernel in blocks of `sub`) as
+    # one list; K not a multiple of the segment or the sub-list; every output slot poisoned first
+    from wisparse.kernels.sparse_gemv import launch_gemv_list
+    for (K, widths, seg, sub, split, bn, bk) in ((700, [48], 512, 128, 2, 16, 64), (1000, [40, 24], 256, 32, 3, 32, 16),
+                                                 (300, [64, 32, 32], 128, 64, 1, 32, 16)):
+        N = sum(widths)
+        x = torch.randn(1, K).to(torch.float16)
+        wt = torch.randn(K, N).to(torch.float16)
+        t = torch.rand(len(widths), K) * 1.5
+        cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split)
+        out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
+        launch_gemv_list(*launch_compact(x, t, sub), wt, widths, cfg, out=out, sub=sub)
+        ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
+        worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
+    pp = torch.randn(3, 2, 1500)
+    ops._use_triton = lambda _: True
+    e.append((ops.sum_partials(pp, torch.float32) - pp.sum(0)).abs().max().item())
+    ops._use_triton = use
     # producers that also write the lists (add_rmsnorm: one row in segments of 32 over D = 100; silu_mul: blocks of
     # 64 over I = 150): the lists are those of the kernel's own output; fp32 outputs equal the references'
     for dt in (torch.float32, torch.bfloat16):
@@ -324,6 +362,10 @@ def test_gpu_pdl_launches_match_float64():
             g.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, outs[0])
+            # the same lists written as sub-lists (the engine's producers): same survivors, same order, same bits
+            sub = cfg.kr // 4
+            out_sub = launch_gemv_list(*launch_compact(x, t, sub, pdl=True), wt, widths, cfg, pdl=True, sub=sub)
+            assert torch.equal(out_sub, outs[0])
 
 
 @pytest.mark.gpu

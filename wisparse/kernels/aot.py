@@ -63,10 +63,11 @@ def _list_variants():
         if key in seen:
             continue
         seen.add(key)
-        yield (f"gemv_list bn={cfg.block_n} bk={cfg.block_k} w={cfg.num_warps} st={cfg.num_stages} split={cfg.split}",
-               sg._gemv_list_kernel, ptr,
-               dict(SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=8),
-               cfg.num_warps, cfg.num_stages)
+        for r in (1, 4):  # whole segments, and 4 sub-lists per segment (the engine's producers)
+            yield (f"gemv_list bn={cfg.block_n} bk={cfg.block_k} w={cfg.num_warps} st={cfg.num_stages} "
+                   f"split={cfg.split} sub-lists={r}", sg._gemv_list_kernel, ptr,
+                   dict(SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=8, R=r),
+                   cfg.num_warps, cfg.num_stages)
 
 
 def _cfg(c):
@@ -152,9 +153,12 @@ def _v4_variants():
                dict(S=S, HAS_BIAS=bias, G=G, BLOCK_G=16, BLOCK_L=64, D=128, PDL=True), 4, 3)
     comb = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16", "t_ptr": "*fp32",
             "idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32"}
-    for seg, G in ((512, 4), (1024, 4), (2048, 4), (4096, 4), (512, 7), (1024, 7)):
-        yield (f"v4 attn_combine_list seg={seg} G={G} PDL", dops._attn_combine_list_kernel, comb,
-               dict(G=G, BLOCK_G=16, NH=seg // 128, D=128, PDL=True), 4 if seg <= 1024 else 8, 3)
+    for seg, G, bs in ((128, 4, 8), (128, 4, 64), (128, 7, 8), (512, 4, 8), (1024, 4, 8), (512, 7, 16)):
+        yield (f"v4 attn_combine_list seg={seg} G={G} splits<={bs} PDL", dops._attn_combine_list_kernel, comb,
+               dict(G=G, BLOCK_G=16, NH=seg // 128, D=128, BLOCK_S=bs, PDL=True), 4 if seg <= 1024 else 8, 3)
+    for S in (1, 4, 8):
+        yield (f"v4 sum_partials S={S} PDL", dops._sum_partials_kernel, {"p_ptr": "*fp32", "out_ptr": "*bf16"},
+               dict(S=S, BLOCK=1024, PDL=True), 4, 1)
     yield ("v4 attn_combine (batch > 1) PDL", dops._attn_combine_kernel,
            {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16"},
            dict(G=4, BLOCK_G=16, BLOCK_S=8, D=128, PDL=True), 4, 3)

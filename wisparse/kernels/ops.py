@@ -106,9 +106,10 @@ def sparse_linear(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, widths: li
 
 
 def gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt: torch.Tensor, widths: list[int],
-              config: GemvConfig, pdl: bool = False) -> torch.Tensor:
+              config: GemvConfig, pdl: bool = False, sub: int | None = None) -> torch.Tensor:
     """Batch-1 sparse GEMV over survivor lists (Triton on CUDA, the PyTorch reference elsewhere).
-    `pdl`: programmatic dependent launch (the version-4 decode step)."""
+    `pdl`: programmatic dependent launch (the version-4 decode step); `sub`: the lists' sub-list size (default
+    config.kr, see `launch_gemv_list`)."""
     if wt.is_cuda and HAVE_TRITON:
-        return launch_gemv_list(idx, xv, cnt, wt, list(widths), config, pdl=pdl)
-    return reference_gemv_list(idx, xv, cnt, wt, list(widths), config)
+        return launch_gemv_list(idx, xv, cnt, wt, list(widths), config, pdl=pdl, sub=sub)
+    return reference_gemv_list(idx, xv, cnt, wt, list(widths), config, sub=sub)

@@ -286,19 +286,34 @@ if HAVE_TRITON:
         return lo, tl.minimum(lo + share, c)
 
     @triton.jit
-    def _list_walk(idx_ptr, xv_ptr, lbase, lo, hi, w_ptr, N, cols, cmask, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+    def _sub_counts(cnt_ptr, base, left, SUB: tl.constexpr, R: tl.constexpr):
+        """A list segment made of R sub-lists of SUB channels (counts at cnt_ptr + base + r, r < left valid):
+        its survivor count c, and per sub-list the inclusive count prefix and the unused tail SUB - count, which
+        `_list_walk` uses to map a position in the concatenated list to its slot."""
+        r = tl.arange(0, R)
+        cs = tl.load(cnt_ptr + base + r, mask=r < left, other=0)
+        return tl.sum(cs, axis=0), tl.cumsum(cs, axis=0), SUB - cs
+
+    @triton.jit
+    def _list_walk(idx_ptr, xv_ptr, lbase, lo, hi, w_ptr, N, cols, cmask, incl, gaps, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, R: tl.constexpr):
         """Sum over list entries [lo, hi) at lbase of xv * W[idx, cols], as row 0 of a [16, BLOCK_N] fp32 tile (the
         tensor-core dot's minimum height; the other rows are zeros). The index, value and weight-row loads do not
-        depend on earlier iterations, so Triton pipelines them num_stages deep."""
+        depend on earlier iterations, so Triton pipelines them num_stages deep.
+        R > 1: the list is R sub-lists (see `_sub_counts`): position j sits at slot j + the unused tails of the
+        sub-lists before it (those whose inclusive prefix is <= j)."""
         jj = tl.arange(0, BLOCK_K)
         first = (tl.arange(0, 16) == 0)[:, None]
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for i in range(lo, hi, BLOCK_K):
             j = i + jj
             valid = j < hi
-            k = tl.load(idx_ptr + lbase + j, mask=valid, other=0)
-            xv = tl.load(xv_ptr + lbase + j, mask=valid, other=0.0)
+            if R > 1:
+                slot = j + tl.sum(tl.where(j[:, None] >= incl[None, :], gaps[None, :], 0), axis=1)
+            else:
+                slot = j
+            k = tl.load(idx_ptr + lbase + slot, mask=valid, other=0)
+            xv = tl.load(xv_ptr + lbase + slot, mask=valid, other=0.0)
             w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
             acc += tl.dot(tl.where(first, xv[None, :], 0.0).to(w.dtype), w)
         return acc
@@ -312,19 +327,27 @@ if HAVE_TRITON:
     @triton.jit
     def _gemv_list_kernel(
         idx_ptr, xv_ptr, cnt_ptr, w_ptr, out_ptr,
-        K, N, NSEG, W0, W1, W2, T1, T2,
+        K, N, NSUB, W0, W1, W2, T1, T2,
         SEG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
-        PDL: tl.constexpr = False,
+        R: tl.constexpr = 1, PDL: tl.constexpr = False,
     ):
-        """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT. Its loop runs
+        """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT (SEG channels, written as R
+        sub-lists of SEG / R channels; NSUB sub-lists per projection). Its loop runs
         ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity."""
         _pdl_enter(PDL)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         p, cols, cmask = _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N, ALIGN)
         seg = pid_s // SPLIT
-        lo, hi = _list_part(tl.load(cnt_ptr + p * NSEG + seg), pid_s % SPLIT, SPLIT, BLOCK_K)
-        acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, BLOCK_N, BLOCK_K)
+        if R > 1:
+            c, incl, gaps = _sub_counts(cnt_ptr, p * NSUB + seg * R, NSUB - seg * R, SEG // R, R)
+        else:
+            c = tl.load(cnt_ptr + p * NSUB + seg)
+            incl = 0
+            gaps = 0
+        lo, hi = _list_part(c, pid_s % SPLIT, SPLIT, BLOCK_K)
+        acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, incl, gaps, BLOCK_N,
+                         BLOCK_K, R)
         _store_row0(out_ptr + pid_s * N, cols, cmask, acc)
 
 
@@ -420,22 +443,26 @@ def reference_compact(x: torch.Tensor, t: torch.Tensor, seg: int,
 
 
 def reference_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt: torch.Tensor,
-                        widths: list[int], cfg: GemvConfig) -> torch.Tensor:
-    """What `_gemv_list_kernel` computes, in PyTorch: fp32 partials [NSEG * split, 1, N]."""
-    N = wt.shape[1]
-    nseg, seg, split = cnt.shape[1], cfg.kr, cfg.split
+                        widths: list[int], cfg: GemvConfig, sub: int | None = None) -> torch.Tensor:
+    """What `_gemv_list_kernel` computes, in PyTorch: fp32 partials [NSEG * split, 1, N]. The lists hold sub-lists
+    of `sub` channels (default cfg.kr); a segment of cfg.kr channels walks its sub-lists one after another."""
+    K, N = wt.shape
+    sub = sub or cfg.kr
+    nseg, seg, split, r = math.ceil(K / cfg.kr), cfg.kr, cfg.split, cfg.kr // sub
     out = torch.zeros((nseg * split, 1, N), device=wt.device, dtype=torch.float32)
     c0 = 0
     for p, w in enumerate(widths):
         for s in range(nseg):
-            c = int(cnt[p, s])
+            blocks = range(s * r, min((s + 1) * r, cnt.shape[1]))
+            ks = torch.cat([idx[p, b * sub: b * sub + int(cnt[p, b])] for b in blocks]).long()
+            vs = torch.cat([xv[p, b * sub: b * sub + int(cnt[p, b])] for b in blocks]).float()
+            c = len(ks)
             share = math.ceil(math.ceil(c / split) / cfg.block_k) * cfg.block_k  # as the kernel: whole chunks
             for part in range(split):
                 lo, hi = part * share, min((part + 1) * share, c)
                 if hi <= lo:
                     continue
-                ks = idx[p, s * seg + lo: s * seg + hi].long()
-                out[s * split + part, 0, c0:c0 + w] = xv[p, s * seg + lo: s * seg + hi].float() @ wt[ks, c0:c0 + w].float()
+                out[s * split + part, 0, c0:c0 + w] = vs[lo:hi] @ wt[ks[lo:hi], c0:c0 + w].float()
         c0 += w
     return out
 
@@ -454,14 +481,18 @@ def launch_compact(x: torch.Tensor, t: torch.Tensor, seg: int, bufs: tuple[torch
 
 def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt: torch.Tensor,
                      widths: list[int], cfg: GemvConfig, out: torch.Tensor | None = None, runner=None,
-                     pdl: bool = False) -> torch.Tensor:
-    """Batch-1 sparse GEMV over survivor lists (segments of cfg.kr channels): fp32 partials [NSEG*split, 1, N]."""
+                     pdl: bool = False, sub: int | None = None) -> torch.Tensor:
+    """Batch-1 sparse GEMV over survivor lists: fp32 partials [NSEG*split, 1, N] for segments of cfg.kr channels.
+    The lists may be written as sub-lists of `sub` channels (a power of two dividing cfg.kr; default cfg.kr): their
+    producers then run more, smaller programs, and each GEMV program walks its segment's sub-lists as one list."""
     K, N = wt.shape
+    sub = sub or cfg.kr
     assert wt.stride(1) == 1 and wt.stride(0) == N and 1 <= len(widths) <= 3 and sum(widths) == N
-    assert K * N < 2 ** 31 and idx.shape == (len(widths), K) and cnt.shape == (len(widths), math.ceil(K / cfg.kr))
+    assert cfg.kr % sub == 0 and sub & (sub - 1) == 0, f"sub-list size {sub} must be a power of two dividing {cfg.kr}"
+    assert K * N < 2 ** 31 and idx.shape == (len(widths), K) and cnt.shape == (len(widths), math.ceil(K / sub))
     w = list(widths) + [0] * (3 - len(widths))
     tiles = _tiles(w, cfg.block_n)
-    S = cnt.shape[1] * cfg.split
+    S = math.ceil(K / cfg.kr) * cfg.split
     if out is None:
         out = torch.empty((S, 1, N), device=wt.device, dtype=torch.float32)
     assert out.shape == (S, 1, N) and out.dtype == torch.float32 and out.is_contiguous()
@@ -469,5 +500,5 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
     kernel[(sum(tiles), S)](
         idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
         SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl))
+        R=cfg.kr // sub, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl))
     return out
