@@ -62,7 +62,7 @@ def test_cpu_listed_reference_matches_float64(seg, split, block_k, sparsity):
     assert ((out.sum(0).double() - ref).norm() / ref.norm()) < 1e-6
 
 
-@pytest.mark.parametrize("seg,sub,split", [(256, 64, 1), (512, 128, 2), (128, 32, 3)])
+@pytest.mark.parametrize("seg,sub,split", [(256, 64, 1), (512, 128, 2), (128, 32, 3), (512, 256, 2)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
 def test_cpu_sub_lists_match_whole_segments(seg, sub, split, sparsity):
     """Lists written as sub-lists (more, smaller producer programs) give the GEMV the same partials as whole-segment
@@ -204,8 +204,8 @@ INTERP = textwrap.dedent("""
     # sub-lists: the list GEMV walks a segment's sub-lists (written by the compaction kernel in blocks of `sub`) as
     # one list; K not a multiple of the segment or the sub-list; every output slot poisoned first
     from wisparse.kernels.sparse_gemv import launch_gemv_list
-    for (K, widths, seg, sub, split, bn, bk) in ((700, [48], 512, 128, 2, 16, 64), (1000, [40, 24], 256, 32, 3, 32, 16),
-                                                 (300, [64, 32, 32], 128, 64, 1, 32, 16)):
+    for (K, widths, seg, sub, split, bn, bk) in ((700, [48], 512, 128, 2, 16, 64), (1000, [40, 24], 256, 64, 3, 32, 16),
+                                                 (300, [64, 32, 32], 128, 64, 1, 32, 16), (900, [32], 512, 256, 2, 32, 32)):
         N = sum(widths)
         x = torch.randn(1, K).to(torch.float16)
         wt = torch.randn(K, N).to(torch.float16)
@@ -280,9 +280,16 @@ INTERP = textwrap.dedent("""
         e += [(o1 - o2).abs().max().item(), (k1 - k2).abs().max().item(), (v1 - v2).abs().max().item()]
         if seg:
             lists_ok &= same_lists(b1, reference_compact(o1, t, seg), seg) and 0 < int(b1[2].sum()) < H * D
+    # argmax of logit rows (own generator: the global random stream above stays as it was)
+    lg = torch.randn(3, 3000, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    lg[1, 2500] = lg[1, 700] = lg[1, 1900] = 9.0  # ties across blocks: the first index wins, as in torch
+    lg[2, 1030] = lg[2, 1029] = 9.0  # ties inside a block
+    ops._use_triton = lambda _: True
+    am = ops.argmax_rows(lg)
+    argmax_ok = torch.equal(am, lg.argmax(-1)) and am.tolist()[1:] == [700, 1029]
     ops._use_triton = use
-    print("WORST", worst, max(e), "lists identical", lists_ok)
-    sys.exit(0 if worst < 1e-6 and max(e) < 1e-5 and lists_ok else 1)
+    print("WORST", worst, max(e), "lists identical", lists_ok, "argmax", argmax_ok)
+    sys.exit(0 if worst < 1e-6 and max(e) < 1e-5 and lists_ok and argmax_ok else 1)
 """)
 
 

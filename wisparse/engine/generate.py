@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.decode_ops import argmax_rows
 from .model import Decoder
 
 
@@ -39,7 +40,7 @@ class GraphGenerator:
     def _step(self) -> None:
         d = self.dec
         logits = d.step()
-        nxt = logits.argmax(dim=-1)
+        nxt = argmax_rows(logits, pdl=d.fused and d.pdl and d.device.type == "cuda")
         self.out.index_copy_(1, self.idx.clamp(max=self.max_new - 1), nxt[:, None])
         d.tokens.copy_(nxt)
         d.pos.add_(1)

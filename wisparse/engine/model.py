@@ -40,19 +40,22 @@ FAMILIES = {
 }
 GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
           "gu": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
-# Batch-1 survivor lists are written as sub-lists of this many channels (0: the head dim, the attention combine
-# writing whole heads): the producer (norm for qkv and gu, silu_mul for down, the attention combine for o) runs one
-# program per sub-list, and each GEMV program walks its segment's sub-lists as one list. With one producer program
-# per GEMV segment (512-2048 channels), the combine took 5.0 us and each norm 2.2 us per layer in run 11's decode
-# timeline, against 1.1 / 1.0 us for the same kernels without lists.
-LIST_SUB = {"qkv": 256, "gu": 256, "down": 512, "o": 0}
+# Batch-1 survivor lists are written as up to LIST_SUBLISTS sub-lists per GEMV segment: the producer (norm for qkv
+# and gu, silu_mul for down, the attention combine for o, whose sub-lists hold whole heads) runs one program per
+# sub-list, and each GEMV program walks its segment's sub-lists as one list. With one producer program per segment
+# (512-2048 channels), the combine took 5.0 us and each norm 2.2 us per layer in run 11's decode timeline, against
+# 1.1 / 1.0 us for the same kernels without lists. 1: whole-segment lists.
+LIST_SUBLISTS = 4
 
 
 def list_sub(gname: str, kr: int, head_dim: int) -> int:
-    """Sub-list size for group `gname` whose GEMV segments are kr channels (kr itself when the size would not
-    divide it)."""
-    sub = LIST_SUB[gname] or head_dim
-    return sub if (sub & (sub - 1) == 0 and kr % sub == 0) else kr
+    """Sub-list size for group `gname` whose GEMV segments are kr channels: kr / 4 or kr / 2 (at least 128
+    channels; for o whole heads), else kr."""
+    for r in (4, 2):
+        sub = kr // r
+        if r <= LIST_SUBLISTS and kr % r == 0 and sub >= 128 and (gname != "o" or sub % head_dim == 0):
+            return sub
+    return kr
 
 
 @dataclass

@@ -86,8 +86,8 @@ if HAVE_TRITON:
             cols = (p * I) // ALIGN_GU * ALIGN_GU + lcols
             seg = sp // SPLIT_GU
             lo, hi = _list_part(tl.load(gcnt_ptr + p * NSEG_GU + seg), sp % SPLIT_GU, SPLIT_GU, BK_GU)
-            acc = _list_walk(gidx_ptr, gxv_ptr, p * D + seg * SEG_GU, lo, hi, wgu_ptr, 2 * I, cols, cmask, 0, 0,
-                             BN_GU, BK_GU, 1)
+            acc = _list_walk(gidx_ptr, gxv_ptr, p * D + seg * SEG_GU, lo, hi, wgu_ptr, 2 * I, cols, cmask, 0, 0, 0, 0,
+                             0, 0, BN_GU, BK_GU, 1)
             _store_row0(pg_ptr + sp * 2 * I, cols, cmask, acc)
             tl.debug_barrier()  # every thread's partial stores precede the release below
             c = j // TPC
@@ -106,7 +106,8 @@ if HAVE_TRITON:
             cols = n * BN_D + tl.arange(0, BN_D)
             cmask = cols < D
             lo, hi = _list_part(tl.load(dcnt_ptr + c), cp % SPLIT_D, SPLIT_D, BK_D)
-            acc = _list_walk(didx_ptr, dxv_ptr, c * HC, lo, hi, wd_ptr, D, cols, cmask, 0, 0, BN_D, BK_D, 1)
+            acc = _list_walk(didx_ptr, dxv_ptr, c * HC, lo, hi, wd_ptr, D, cols, cmask, 0, 0, 0, 0, 0, 0, BN_D,
+                             BK_D, 1)
             _store_row0(out_ptr + cp * D, cols, cmask, acc)
 
     @triton.jit

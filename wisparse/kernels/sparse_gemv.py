@@ -287,31 +287,36 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sub_counts(cnt_ptr, base, left, SUB: tl.constexpr, R: tl.constexpr):
-        """A list segment made of R sub-lists of SUB channels (counts at cnt_ptr + base + r, r < left valid):
-        its survivor count c, and per sub-list the inclusive count prefix and the unused tail SUB - count, which
-        `_list_walk` uses to map a position in the concatenated list to its slot."""
-        r = tl.arange(0, R)
-        cs = tl.load(cnt_ptr + base + r, mask=r < left, other=0)
-        return tl.sum(cs, axis=0), tl.cumsum(cs, axis=0), SUB - cs
+        """A list segment written as R <= 4 sub-lists of SUB channels (counts at cnt_ptr + base + r, r < left
+        valid): its survivor count, and the inclusive count prefixes i0..i2 and unused tails g0..g2 = SUB - count of
+        the first three sub-lists, as scalars (`_list_walk` maps a position of the concatenated list to its slot
+        with them; a [positions, R] tensor there cost a layout conversion per chunk: the GEMVs were 1-4 us slower
+        in run 12)."""
+        c0 = tl.load(cnt_ptr + base)
+        c1 = tl.load(cnt_ptr + base + 1, mask=left > 1, other=0)
+        c2 = tl.load(cnt_ptr + base + 2, mask=(left > 2) & (R > 2), other=0)
+        c3 = tl.load(cnt_ptr + base + 3, mask=(left > 3) & (R > 3), other=0)
+        return c0 + c1 + c2 + c3, c0, c0 + c1, c0 + c1 + c2, SUB - c0, SUB - c1, SUB - c2
 
     @triton.jit
-    def _list_walk(idx_ptr, xv_ptr, lbase, lo, hi, w_ptr, N, cols, cmask, incl, gaps, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, R: tl.constexpr):
+    def _list_walk(idx_ptr, xv_ptr, lbase, lo, hi, w_ptr, N, cols, cmask, i0, i1, i2, g0, g1, g2,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
         """Sum over list entries [lo, hi) at lbase of xv * W[idx, cols], as row 0 of a [16, BLOCK_N] fp32 tile (the
         tensor-core dot's minimum height; the other rows are zeros). The index, value and weight-row loads do not
         depend on earlier iterations, so Triton pipelines them num_stages deep.
-        R > 1: the list is R sub-lists (see `_sub_counts`): position j sits at slot j + the unused tails of the
-        sub-lists before it (those whose inclusive prefix is <= j)."""
+        R > 1 (2 or 4): the list is R sub-lists (see `_sub_counts`): position j sits at slot j + the unused tails of
+        the sub-lists before it (those whose inclusive prefix is <= j)."""
         jj = tl.arange(0, BLOCK_K)
         first = (tl.arange(0, 16) == 0)[:, None]
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for i in range(lo, hi, BLOCK_K):
             j = i + jj
             valid = j < hi
+            slot = j
             if R > 1:
-                slot = j + tl.sum(tl.where(j[:, None] >= incl[None, :], gaps[None, :], 0), axis=1)
-            else:
-                slot = j
+                slot += tl.where(j >= i0, g0, 0)
+            if R > 2:
+                slot += tl.where(j >= i1, g1, 0) + tl.where(j >= i2, g2, 0)
             k = tl.load(idx_ptr + lbase + slot, mask=valid, other=0)
             xv = tl.load(xv_ptr + lbase + slot, mask=valid, other=0.0)
             w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
@@ -332,7 +337,7 @@ if HAVE_TRITON:
         R: tl.constexpr = 1, PDL: tl.constexpr = False,
     ):
         """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT (SEG channels, written as R
-        sub-lists of SEG / R channels; NSUB sub-lists per projection). Its loop runs
+        in (1, 2, 4) sub-lists of SEG / R channels; NSUB sub-lists per projection). Its loop runs
         ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity."""
         _pdl_enter(PDL)
         pid_n = tl.program_id(0)
@@ -340,14 +345,13 @@ if HAVE_TRITON:
         p, cols, cmask = _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N, ALIGN)
         seg = pid_s // SPLIT
         if R > 1:
-            c, incl, gaps = _sub_counts(cnt_ptr, p * NSUB + seg * R, NSUB - seg * R, SEG // R, R)
+            c, i0, i1, i2, g0, g1, g2 = _sub_counts(cnt_ptr, p * NSUB + seg * R, NSUB - seg * R, SEG // R, R)
         else:
             c = tl.load(cnt_ptr + p * NSUB + seg)
-            incl = 0
-            gaps = 0
+            i0, i1, i2, g0, g1, g2 = 0, 0, 0, 0, 0, 0
         lo, hi = _list_part(c, pid_s % SPLIT, SPLIT, BLOCK_K)
-        acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, incl, gaps, BLOCK_N,
-                         BLOCK_K, R)
+        acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, i0, i1, i2, g0, g1, g2,
+                         BLOCK_N, BLOCK_K, R)
         _store_row0(out_ptr + pid_s * N, cols, cmask, acc)
 
 
@@ -483,12 +487,13 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
                      widths: list[int], cfg: GemvConfig, out: torch.Tensor | None = None, runner=None,
                      pdl: bool = False, sub: int | None = None) -> torch.Tensor:
     """Batch-1 sparse GEMV over survivor lists: fp32 partials [NSEG*split, 1, N] for segments of cfg.kr channels.
-    The lists may be written as sub-lists of `sub` channels (a power of two dividing cfg.kr; default cfg.kr): their
-    producers then run more, smaller programs, and each GEMV program walks its segment's sub-lists as one list."""
+    The lists may be written as sub-lists of `sub` channels (cfg.kr, cfg.kr / 2 or cfg.kr / 4; default cfg.kr):
+    their producers then run more, smaller programs, and each GEMV program walks its segment's sub-lists as one
+    list."""
     K, N = wt.shape
     sub = sub or cfg.kr
     assert wt.stride(1) == 1 and wt.stride(0) == N and 1 <= len(widths) <= 3 and sum(widths) == N
-    assert cfg.kr % sub == 0 and sub & (sub - 1) == 0, f"sub-list size {sub} must be a power of two dividing {cfg.kr}"
+    assert sub * 4 in (cfg.kr, 2 * cfg.kr, 4 * cfg.kr), f"sub-list size {sub}: cfg.kr ({cfg.kr}) / 1, 2 or 4"
     assert K * N < 2 ** 31 and idx.shape == (len(widths), K) and cnt.shape == (len(widths), math.ceil(K / sub))
     w = list(widths) + [0] * (3 - len(widths))
     tiles = _tiles(w, cfg.block_n)
