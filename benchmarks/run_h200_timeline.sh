@@ -4,7 +4,7 @@
 # with the launch configurations of results/decode_h200.json. Copy $OUT into benchmarks/results/timeline/.
 export TRITON_CACHE_DIR=/tmp/tcache PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv > "$OUT/gpu.txt" 2>&1
-timeout "${TL_TIMEOUT:-200}" python benchmarks/timeline_h200.py --whole-lists --out "$OUT/v4" > "$OUT/timeline_v4.log" 2>&1
+timeout "${TL_TIMEOUT:-200}" python benchmarks/timeline_h200.py --whole-lists --sublists "$SUBLISTS" --out "$OUT/v4" > "$OUT/timeline_v4.log" 2>&1
 echo "v4 rc=$?"; cat "$OUT/timeline_v4.log" | grep -v Warning | tail -40
 if [ -n "$V3" ]; then
     timeout 150 python benchmarks/timeline_h200.py --v3 --out "$OUT/v3" > "$OUT/timeline_v3.log" 2>&1

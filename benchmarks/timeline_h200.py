@@ -92,6 +92,8 @@ def main(argv=None) -> None:
     ap.add_argument("--level", type=float, default=0.5)
     ap.add_argument("--replays", type=int, default=4)
     ap.add_argument("--v3", action="store_true", help="version 3 step instead of version 4")
+    ap.add_argument("--sublists", default="",
+                    help="more sparse variants: sub-lists per segment by group, e.g. 'qkv=2,gu=2;qkv=4,gu=4'")
     ap.add_argument("--whole-lists", action="store_true",
                     help="also the sparse step with whole-segment survivor lists (one producer program per segment)")
     ap.add_argument("--out", required=True)
@@ -109,18 +111,21 @@ def main(argv=None) -> None:
     gen = GraphGenerator(dec, batch=1, max_len=128 + 256 + 64, max_new_tokens=256)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model,
            "step": "v3" if a.v3 else "v4", "rows": {}}
-    whole = 1  # one sub-list per segment: whole-segment lists
+    default_sub = dict(model_mod.LIST_SUBLISTS)
+    whole = {g: 1 for g in model_mod.LIST_SUBLISTS}  # one sub-list per segment: whole-segment lists
     variants = [("dense", False, None), (f"uniform {a.level:.2f}", True, None)]
     if a.whole_lists:
         variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole))
+    for spec in filter(None, a.sublists.split(";")):  # e.g. "qkv=2,gu=2,down=4,o=4"
+        sub = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+        variants.append((f"uniform {a.level:.2f}, sub-lists {spec}", True, {**default_sub, **sub}))
     th = None
-    default_sub = model_mod.LIST_SUBLISTS
     for label, sparse, sub in variants:
         if sparse and th is None:
             th = calibrate(dec, uniform_levels(dec, a.level))
             dec.set_thresholds(th)
         dec.sparse = sparse
-        model_mod.LIST_SUBLISTS = sub or default_sub
+        model_mod.LIST_SUBLISTS.update(sub or default_sub)
         gen.graph = None
         speed = time_decode(gen, prompt, 256, 2)
         toks = speed.pop("tokens")
@@ -135,7 +140,7 @@ def main(argv=None) -> None:
         s["decode_tok_s_unprofiled"] = speed["tok_s"]
         s["decode_runs_tok_s"] = speed["runs_tok_s"]
         s["tokens_head"] = toks[0, :8].tolist()
-        s["sublists_per_segment"] = model_mod.LIST_SUBLISTS if sparse else None
+        s["sublists_per_segment"] = dict(model_mod.LIST_SUBLISTS) if sparse else None
         res["rows"][label] = s
         print(f"{label}: {speed['tok_s']:.1f} tok/s unprofiled ({1e6 / speed['tok_s']:.0f} us/token); profiled "
               f"steps {', '.join(f'{x:.0f}' for x in s['step_us_all'])} us; {s['kernels_per_token']} kernels; "
@@ -143,7 +148,7 @@ def main(argv=None) -> None:
         for r in s["table"][:14]:
             print(f"  {r['kernel'][:70]:70s} x{r['per_token']:3d} dur {r['mean_dur_us']:6.2f} inc "
                   f"{r['mean_inc_us']:6.2f} gap {r['mean_gap_us']:6.2f} -> {r['inc_per_token_us']:7.1f} us/token")
-    model_mod.LIST_SUBLISTS = default_sub
+    model_mod.LIST_SUBLISTS.update(default_sub)
     dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]
     for label, s in res["rows"].items():
         s["speedup_vs_dense"] = s["decode_tok_s_unprofiled"] / dense_tok_s
@@ -163,7 +168,7 @@ def markdown(res: dict) -> str:
         L += [f"## {label}: profiled step {s['step_us']:.0f} us ({s['per_layer_us']:.1f} us per layer), unprofiled "
               f"{1e6 / s['decode_tok_s_unprofiled']:.0f} us ({s['decode_tok_s_unprofiled']:.1f} tok/s, "
               f"{s.get('speedup_vs_dense', float('nan')):.3f}x of dense)" + (
-                  f"; {s['sublists_per_segment']} sub-lists per list segment" if s.get("sublists_per_segment")
+                  f"; sub-lists per list segment {s['sublists_per_segment']}" if s.get("sublists_per_segment")
                   else ""), "",
               "| kernel | per token | mean duration us | mean increment us | mean gap us | increment per token us |",
               "|---|---|---|---|---|---|"]

@@ -40,20 +40,21 @@ FAMILIES = {
 }
 GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
           "gu": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
-# Batch-1 survivor lists are written as up to LIST_SUBLISTS sub-lists per GEMV segment: the producer (norm for qkv
-# and gu, silu_mul for down, the attention combine for o, whose sub-lists hold whole heads) runs one program per
-# sub-list, and each GEMV program walks its segment's sub-lists as one list. With one producer program per segment
-# (512-2048 channels), the combine took 5.0 us and each norm 2.2 us per layer in run 11's decode timeline, against
-# 1.1 / 1.0 us for the same kernels without lists. 1: whole-segment lists.
-LIST_SUBLISTS = 4
+# Batch-1 survivor lists are written as LIST_SUBLISTS[group] sub-lists per GEMV segment (1, 2 or 4): the producer
+# (norm for qkv and gu, silu_mul for down, the attention combine for o, whose sub-lists hold whole heads) runs one
+# program per sub-list, and each GEMV program walks its segment's sub-lists as one list. Measured in the decode
+# timeline (run 13, Llama-3.1-8B at 0.50, per layer): 4 sub-lists make o's combine 2.2 us instead of 4.3 and
+# silu_mul 2.9 instead of 4.7, for 0.8 / 0.6 us more in the o / down GEMVs; for q/k/v and gate/up they save 0.4 us
+# per norm but cost 2 / 3 us in the GEMVs, so those keep whole-segment lists.
+LIST_SUBLISTS = {"qkv": 1, "gu": 1, "down": 4, "o": 4}
 
 
 def list_sub(gname: str, kr: int, head_dim: int) -> int:
     """Sub-list size for group `gname` whose GEMV segments are kr channels: kr / 4 or kr / 2 (at least 128
-    channels; for o whole heads), else kr."""
+    channels; for o whole heads) as LIST_SUBLISTS allows, else kr."""
     for r in (4, 2):
         sub = kr // r
-        if r <= LIST_SUBLISTS and kr % r == 0 and sub >= 128 and (gname != "o" or sub % head_dim == 0):
+        if r <= LIST_SUBLISTS[gname] and kr % r == 0 and sub >= 128 and (gname != "o" or sub % head_dim == 0):
             return sub
     return kr
 
