@@ -600,6 +600,7 @@ def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
     time of a token goes (run 2: ~0.71 ms per token, ~22 us per layer, outside the GEMVs)."""
     from ..kernels import decode_ops as dops
     from ..kernels.sparse_gemv import list_buffers
+    from .model import list_sub
     from .shapes import hf_config
 
     c = hf_config(name)
@@ -611,9 +612,10 @@ def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
     dt, dev = torch.bfloat16, "cuda"
     z = 0.6745  # |N(0, 1)| median: thresholds that keep about half of the channels
 
-    def lists(g, K):
+    def lists(g, K):  # sub-lists as the engine's producers write them
         P = len(dims[g][1])
-        return (torch.full((P, K), z, device=dev), cfgs[g].kr, list_buffers(P, K, cfgs[g].kr, dev))
+        sub = list_sub(g, cfgs[g].kr, Dh)
+        return (torch.full((P, K), z, device=dev), sub, list_buffers(P, K, sub, dev))
 
     L, pos = 448, torch.tensor([383], device=dev)
     kc = torch.randn(1, Hkv, L, Dh, device=dev, dtype=dt)
@@ -646,8 +648,9 @@ def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
          lambda i: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq, split=False))]
     v4_items = []
     if v4:  # version 4's attention (2 launches: replaces qkv_rope_cache, decode_attention and the compaction)
-        lo = ((t_o, cfgs["o"].kr, list_buffers(1, H * Dh, cfgs["o"].kr, dev))
-              if cfgs["o"].listed and cfgs["o"].kr % Dh == 0 else None)
+        sub_o = list_sub("o", cfgs["o"].kr, Dh)
+        lo = ((t_o, sub_o, list_buffers(1, H * Dh, sub_o, dev))
+              if cfgs["o"].listed and sub_o % Dh == 0 else None)
         for pdl in (False, True):
             v4_items.append((f"v4 attention_fused (+ o lists){' PDL' if pdl else ''}",
                              lambda i, pdl=pdl: dops.attention_fused(p_qkv, None, cos, sin, pos, kc, vc, H, Hkv, 0,

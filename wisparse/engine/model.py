@@ -43,10 +43,11 @@ GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn
 # Batch-1 survivor lists are written as LIST_SUBLISTS[group] sub-lists per GEMV segment (1, 2 or 4): the producer
 # (norm for qkv and gu, silu_mul for down, the attention combine for o, whose sub-lists hold whole heads) runs one
 # program per sub-list, and each GEMV program walks its segment's sub-lists as one list. Measured in the decode
-# timeline (run 13, Llama-3.1-8B at 0.50, per layer): 4 sub-lists make o's combine 2.2 us instead of 4.3 and
-# silu_mul 2.9 instead of 4.7, for 0.8 / 0.6 us more in the o / down GEMVs; for q/k/v and gate/up they save 0.4 us
-# per norm but cost 2 / 3 us in the GEMVs, so those keep whole-segment lists.
-LIST_SUBLISTS = {"qkv": 1, "gu": 1, "down": 4, "o": 4}
+# timeline (Llama-3.1-8B at 0.50, per layer): 4 sub-lists make o's combine 2.2 us instead of 4.3 and silu_mul 2.9
+# instead of 4.7, for 0.8 / 0.6 us more in the o / down GEMVs (run 13); 2 sub-lists for q/k/v and gate/up make
+# each norm 0.3 us faster at no cost in those GEMVs, while 4 cost them 2-3 us (run 14: 334.1 tok/s with this mix,
+# 331.6 with q/k/v and gate/up whole, 331.2 with q/k/v at 4, 325.8 with every list whole).
+LIST_SUBLISTS = {"qkv": 2, "gu": 2, "down": 4, "o": 4}
 
 
 def list_sub(gname: str, kr: int, head_dim: int) -> int:
