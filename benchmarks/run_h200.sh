@@ -13,8 +13,9 @@ if [ -z "$SKIP_TESTS" ]; then
     tail -3 "$OUT/pytest_gpu.log"
 fi
 if [ -z "$SKIP_BENCH" ]; then
+    # CONFIGS=path: launch configurations of an earlier run's JSON instead of a fresh sweep
     timeout "${BENCH_TIMEOUT:-560}" python benchmarks/decode_h200.py --budget-s "${BENCH_BUDGET:-500}" --runs 2 \
-        --out "$OUT/decode_h200" > "$OUT/bench.log" 2>&1
+        ${CONFIGS:+--configs "$CONFIGS"} --out "$OUT/decode_h200" > "$OUT/bench.log" 2>&1
     echo "bench rc=$?"
     grep -v "^  " "$OUT/bench.log" | tail -60
 fi

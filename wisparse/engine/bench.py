@@ -459,6 +459,8 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
         if configs_path:
             with open(configs_path) as f:
                 best = json.load(f)
+            src = best.get("env", {}).get("date_utc", "") if isinstance(best.get("env"), dict) else ""
+            res["protocol"]["configs_from"] = f"{configs_path}" + (f" (a run of {src} UTC)" if src else "")
             best = best.get("configs", best)  # a results JSON from an earlier run, or a bare configs dict
             redo = {k: v for k, v in sweep_shapes.items() if k in resweep}
             if redo:  # batch-1 sparse configurations of these shapes swept again (new candidates)
@@ -969,8 +971,10 @@ def markdown(res: dict) -> str:
         L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if r.get("v4")]
     if res.get("errors"):
         L += ["", "## Errors / skipped sections", ""] + [f"- {x['section']}: {x['error']}" for x in res["errors"]]
-    L += ["", "## Launch configurations chosen by the sweep (block_n, kr, block_k, warps, stages, dot, compact, "
-          "prefetch[, listed, split]); key = K x N x projections | batch | dense", ""]
+    src = res.get("protocol", {}).get("configs_from")
+    L += ["", "## Launch configurations chosen by the sweep" + (f" of an earlier run, read from {src}" if src else "")
+          + " (block_n, kr, block_k, warps, stages, dot, compact, prefetch[, listed, split]); key = K x N x "
+          "projections | batch | dense", ""]
     for k, v in res.get("configs", {}).items():
         L.append(f"- {k}: {v['config']} ({v['us']:.1f} us)")
     return "\n".join(L) + "\n"
