@@ -205,7 +205,8 @@ INTERP = textwrap.dedent("""
     # one list; K not a multiple of the segment or the sub-list; every output slot poisoned first
     from wisparse.kernels.sparse_gemv import launch_gemv_list
     for (K, widths, seg, sub, split, bn, bk) in ((700, [48], 512, 128, 2, 16, 64), (1000, [40, 24], 256, 64, 3, 32, 16),
-                                                 (300, [64, 32, 32], 128, 64, 1, 32, 16), (900, [32], 512, 256, 2, 32, 32)):
+                                                 (300, [64, 32, 32], 128, 64, 1, 32, 16),
+                                                 (900, [32], 512, 256, 2, 32, 32)):
         N = sum(widths)
         x = torch.randn(1, K).to(torch.float16)
         wt = torch.randn(K, N).to(torch.float16)

@@ -324,8 +324,9 @@ class Decoder:
     # ------------------------------------------------------------------------------------------------------------
     def _lists_for(self, i: int, gname: str):
         """(t, sub, buffers, config) when group `gname` of layer i reads survivor lists (sub-lists of `sub` channels)
-        that the kernel producing its input writes (batch 1, sparse, a `listed` configuration: qkv and gu after add_rmsnorm, down after
-        silu_mul); else None. The o projection's input comes from attention: the op compacts it itself."""
+        that the kernel producing its input writes (batch 1, sparse, a `listed` configuration: qkv and gu after
+        add_rmsnorm, down after silu_mul, o after the attention combine in version 4); else None. Version 3's o
+        GEMV compacts its input itself (the op's listed path)."""
         if i >= len(self.layers) or self.backend != "triton" or not self.sparse or self.tokens.shape[0] != 1:
             return None
         g = getattr(self.layers[i], gname)

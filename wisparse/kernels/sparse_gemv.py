@@ -452,7 +452,7 @@ def reference_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, 
     of `sub` channels (default cfg.kr); a segment of cfg.kr channels walks its sub-lists one after another."""
     K, N = wt.shape
     sub = sub or cfg.kr
-    nseg, seg, split, r = math.ceil(K / cfg.kr), cfg.kr, cfg.split, cfg.kr // sub
+    nseg, split, r = math.ceil(K / cfg.kr), cfg.split, cfg.kr // sub
     out = torch.zeros((nseg * split, 1, N), device=wt.device, dtype=torch.float32)
     c0 = 0
     for p, w in enumerate(widths):
