@@ -101,8 +101,7 @@ def main(argv=None) -> None:
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     dims = _shape_dims(a.model)
-    shapes = {f"{K}x{sum(w)}x{len(w)}": (K, w) for K, w in dims.values()}
-    shapes["4096x14336x1"] = (4096, [14336])
+    shapes = {f"{K}x{sum(w)}x{len(w)}": (K, w) for K, w in dims.values()}  # the model's own GEMV shapes
     with open(a.configs) as f:
         best = json.load(f)["configs"]
     install_configs({k: v for k, v in best.items() if k.split("|")[0] in shapes}, shapes)

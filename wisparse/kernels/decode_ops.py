@@ -595,7 +595,7 @@ def attention_fused(partials: torch.Tensor, bias: torch.Tensor | None, cos: torc
 
 def sum_partials(partials: torch.Tensor, dtype: torch.dtype, pdl: bool = False) -> torch.Tensor:
     """fp32 partials [S, B, N] -> their sum [B, N] in dtype (the lm_head's logits). One Triton launch of many
-    programs: `partials.sum(0)` took 29 us on the H200 for the Llama lm_head's [4, 1, 128256] (run 11)."""
+    programs with PDL (2.5-3 us in the decode timeline; `partials.sum(0).to(dtype)` took about 4 us plus a cast)."""
     S, B, N = partials.shape
     if not _use_triton(partials) or not partials.is_contiguous():
         return partials.sum(0).to(dtype)
