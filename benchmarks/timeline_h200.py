@@ -21,11 +21,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from wisparse.engine.bench import _shape_dims, install_configs, time_decode  # noqa: E402
+from wisparse.engine.bench import _shape_dims, engine_shapes, install_configs, time_decode  # noqa: E402
 from wisparse.engine.calibrate import calibrate, uniform_levels  # noqa: E402
 from wisparse.engine.generate import GraphGenerator  # noqa: E402
 from wisparse.engine import model as model_mod  # noqa: E402
 from wisparse.engine.model import Decoder  # noqa: E402
+from wisparse.kernels import decode_ops as dops  # noqa: E402
+from wisparse.kernels import ops as kops  # noqa: E402
+from wisparse.kernels.sparse_gemv import GemvConfig  # noqa: E402
 
 GEMV_NAMES = ("_gemv_list_kernel", "_sparse_gemv_kernel", "_fused_mlp")
 
@@ -96,6 +99,11 @@ def main(argv=None) -> None:
                     help="more sparse variants: sub-lists per segment by group, e.g. 'qkv=2,gu=2;qkv=4,gu=4'")
     ap.add_argument("--whole-lists", action="store_true",
                     help="also the sparse step with whole-segment survivor lists (one producer program per segment)")
+    ap.add_argument("--norm-modes", default="",
+                    help="more variants, dense and sparse: the norm kernel in these modes, e.g. 'sync'")
+    ap.add_argument("--cfg", action="append", default=[],
+                    help="a sparse variant with one group's batch-1 list GEMV configuration replaced: "
+                         "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (several groups joined by ';')")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -111,20 +119,40 @@ def main(argv=None) -> None:
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model,
            "step": "v3" if a.v3 else "v4", "rows": {}}
     default_sub = dict(model_mod.LIST_SUBLISTS)
+    default_norm = dops.NORM_MODE
     whole = {g: 1 for g in model_mod.LIST_SUBLISTS}  # one sub-list per segment: whole-segment lists
-    variants = [("dense", False, None), (f"uniform {a.level:.2f}", True, None)]
+    # (label, sparse, sub-lists, norm mode, {group: list GEMV configuration})
+    variants = [("dense", False, None, None, {}), (f"uniform {a.level:.2f}", True, None, None, {})]
     if a.whole_lists:
-        variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole))
+        variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole, None, {}))
     for spec in filter(None, a.sublists.split(";")):  # e.g. "qkv=2,gu=2,down=4,o=4"
         sub = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-        variants.append((f"uniform {a.level:.2f}, sub-lists {spec}", True, {**default_sub, **sub}))
+        variants.append((f"uniform {a.level:.2f}, sub-lists {spec}", True, {**default_sub, **sub}, None, {}))
+    for mode in filter(None, a.norm_modes.split(",")):
+        variants += [(f"dense, {mode} norm", False, None, mode, {}),
+                     (f"uniform {a.level:.2f}, {mode} norm", True, None, mode, {})]
+    group_shape = engine_shapes(dec)
+    for spec in a.cfg:  # e.g. "o=64,512,32,4,8,1;qkv=128,512,64,4,5,1"
+        over = {}
+        for part in spec.split(";"):
+            g, v = part.split("=")
+            bn, kr, bk, nw, ns, split = (int(x) for x in v.split(","))
+            over[g] = GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns,
+                                 use_dot=True, compact=False, listed=True, split=split)
+        variants.append((f"uniform {a.level:.2f}, config {spec}", True, None, None, over))
     th = None
-    for label, sparse, sub in variants:
+    for label, sparse, sub, norm, over in variants:
         if sparse and th is None:
             th = calibrate(dec, uniform_levels(dec, a.level))
             dec.set_thresholds(th)
         dec.sparse = sparse
         model_mod.LIST_SUBLISTS.update(sub or default_sub)
+        dops.NORM_MODE = norm or default_norm
+        saved = {}
+        for g, cfg in over.items():
+            K, widths = group_shape[g]
+            saved[g] = kops.get_config(K, sum(widths), 1, False)
+            kops.set_config(K, sum(widths), 1, False, cfg)
         gen.graph = None
         speed = time_decode(gen, prompt, 256, 2)
         toks = speed.pop("tokens")
@@ -140,6 +168,13 @@ def main(argv=None) -> None:
         s["decode_runs_tok_s"] = speed["runs_tok_s"]
         s["tokens_head"] = toks[0, :8].tolist()
         s["sublists_per_segment"] = dict(model_mod.LIST_SUBLISTS) if sparse else None
+        s["norm_mode"] = dops.NORM_MODE
+        s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
+                        for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, False))
+                                     for g in group_shape)} if sparse else None
+        for g, cfg in saved.items():
+            K, widths = group_shape[g]
+            kops.set_config(K, sum(widths), 1, False, cfg)
         res["rows"][label] = s
         print(f"{label}: {speed['tok_s']:.1f} tok/s unprofiled ({1e6 / speed['tok_s']:.0f} us/token); profiled "
               f"steps {', '.join(f'{x:.0f}' for x in s['step_us_all'])} us; {s['kernels_per_token']} kernels; "
@@ -148,6 +183,7 @@ def main(argv=None) -> None:
             print(f"  {r['kernel'][:70]:70s} x{r['per_token']:3d} dur {r['mean_dur_us']:6.2f} inc "
                   f"{r['mean_inc_us']:6.2f} gap {r['mean_gap_us']:6.2f} -> {r['inc_per_token_us']:7.1f} us/token")
     model_mod.LIST_SUBLISTS.update(default_sub)
+    dops.NORM_MODE = default_norm
     dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]
     for label, s in res["rows"].items():
         s["speedup_vs_dense"] = s["decode_tok_s_unprofiled"] / dense_tok_s

@@ -645,9 +645,9 @@ def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
         items.append(("compaction of o's input", lambda i: launch_compact(a, t_o, cfgs["o"].kr)))
     v3_items = [  # the version-3 norm (one program per row), timed beside the split norm; not in the per-layer sum
         ("add_rmsnorm one-program (sum o partials, + gate/up lists)",
-         lambda i: dops.add_rmsnorm(h, p_o, w, 1e-5, lists=lg, split=False)),
+         lambda i: dops.add_rmsnorm(h, p_o, w, 1e-5, lists=lg, mode="row")),
         ("add_rmsnorm one-program (sum down partials, + qkv lists)",
-         lambda i: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq, split=False))]
+         lambda i: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq, mode="row"))]
     v4_items = []
     if v4:  # version 4's attention (2 launches: replaces qkv_rope_cache, decode_attention and the compaction)
         sub_o = list_sub("o", cfgs["o"].kr, Dh)
@@ -657,8 +657,9 @@ def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
             v4_items.append((f"v4 attention_fused (+ o lists){' PDL' if pdl else ''}",
                              lambda i, pdl=pdl: dops.attention_fused(p_qkv, None, cos, sin, pos, kc, vc, H, Hkv, 0,
                                                                      lists=lo, pdl=pdl)))
-        v4_items.append(("v4 add_rmsnorm (sum down partials, + qkv lists) PDL",
-                         lambda i: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq, pdl=True)))
+        for mode in ("split", "sync"):
+            v4_items.append((f"v4 add_rmsnorm {mode} (sum down partials, + qkv lists) PDL",
+                             lambda i, mode=mode: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq, pdl=True, mode=mode)))
     out = []
     for label, fn in items:
         us = _graph_time(fn) * 1e6
@@ -668,7 +669,7 @@ def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
     log(f"step kernels per layer {total:.1f} us (x {c.num_hidden_layers} layers = {total * c.num_hidden_layers / 1e3:.2f}"
         f" ms per token); partials S {S}")
     res["step_breakdown"] = {"model": name, "partials": S, "kernels": out, "per_layer_us": total,
-                             "split_norm": dops.SPLIT_NORM}
+                             "norm_mode": dops.NORM_MODE}
     for label, fn in v3_items:
         us = _graph_time(fn) * 1e6
         res["step_breakdown"]["kernels"].append({"kernel": label, "us": us, "v3_norm": True})
@@ -694,7 +695,7 @@ def _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, l
     from ..kernels import decode_ops as dops
 
     split_rows = {r["config"]: r for r in rows}
-    dops.SPLIT_NORM = False
+    default_mode, dops.NORM_MODE = dops.NORM_MODE, "row"
     try:
         for cfg, sparse in (("dense (triton)", False), ("uniform 0.50", True)):
             if sparse and ("uniform", 0.5) not in th:
@@ -716,7 +717,7 @@ def _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, l
             log(f"    split norm vs one-program: {row.get('split_norm_speedup', float('nan')):.3f}x; tokens identical "
                 f"{row.get('tokens_identical_to_split_norm')}")
     finally:
-        dops.SPLIT_NORM = True
+        dops.NORM_MODE = default_mode
 
 
 def _try_decode_rows(dec, gen, prompt, new_tokens, runs, name, label, log, errors: list) -> dict | None:
@@ -965,7 +966,8 @@ def markdown(res: dict) -> str:
         L += ["", f"## The decode step's small kernels ({sb['model']}, batch 1, each alone inside a CUDA graph; "
               f"partials S {sb['partials']})", "", "| kernel | us |", "|---|---|"]
         L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if not (r.get("v4") or r.get("v3_norm"))]
-        L.append(f"| per layer (version 3 step{', split norm' if sb.get('split_norm') else ''}) | "
+        mode = sb.get("norm_mode", "split" if sb.get("split_norm") else "")
+        L.append(f"| per layer (version 3 step{f', {mode} norm' if mode else ''}) | "
                  f"{sb['per_layer_us']:.1f} |")
         L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if r.get("v3_norm")]
         L += [f"| {r['kernel']} | {r['us']:.1f} |" for r in sb["kernels"] if r.get("v4")]
