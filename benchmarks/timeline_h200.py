@@ -132,15 +132,19 @@ def main(argv=None) -> None:
         variants += [(f"dense, {mode} norm", False, None, mode, {}),
                      (f"uniform {a.level:.2f}, {mode} norm", True, None, mode, {})]
     group_shape = engine_shapes(dec)
-    for spec in a.cfg:  # e.g. "o=64,512,32,4,8,1;qkv=128,512,64,4,5,1"
-        over = {}
+    for spec in a.cfg:  # e.g. "o=64,512,32,4,8,1;qkv=128,512,64,4,5,1;sub.qkv=4"
+        over, sub = {}, {}
         for part in spec.split(";"):
             g, v = part.split("=")
+            if g.startswith("sub."):  # sub-lists per segment for this group
+                sub[g[4:]] = int(v)
+                continue
             bn, kr, bk, nw, ns, split = (int(x) for x in v.split(","))
             over[g] = GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns,
                                  use_dot=True, compact=False, listed=True, split=split)
-        variants.append((f"uniform {a.level:.2f}, config {spec}", True, None, None, over))
+        variants.append((f"uniform {a.level:.2f}, config {spec}", True, {**default_sub, **sub}, None, over))
     th = None
+    first_logits = {}
     for label, sparse, sub, norm, over in variants:
         if sparse and th is None:
             th = calibrate(dec, uniform_levels(dec, a.level))
@@ -157,6 +161,11 @@ def main(argv=None) -> None:
         speed = time_decode(gen, prompt, 256, 2)
         toks = speed.pop("tokens")
         gen.prefill(prompt)
+        gen.replay()  # the first decode step's logits, against the first row of the same sparsity (rounding only)
+        first = gen.logits.float().clone()
+        ref = first_logits.setdefault(sparse, first)
+        rel = ((first - ref).norm() / ref.norm()).item()
+        gen.prefill(prompt)
         gen.decode(16)  # position ~144: the attention reads a context like the benchmark's middle
         tag = label.replace(" ", "_").replace(",", "")
         reps = _kernels_of_replays(gen, a.replays, os.path.join(a.out, f"trace_{tag}.json"))
@@ -167,6 +176,7 @@ def main(argv=None) -> None:
         s["decode_tok_s_unprofiled"] = speed["tok_s"]
         s["decode_runs_tok_s"] = speed["runs_tok_s"]
         s["tokens_head"] = toks[0, :8].tolist()
+        s["first_logits_rel_err_vs_first_row"] = rel
         s["sublists_per_segment"] = dict(model_mod.LIST_SUBLISTS) if sparse else None
         s["norm_mode"] = dops.NORM_MODE
         s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
@@ -178,7 +188,7 @@ def main(argv=None) -> None:
         res["rows"][label] = s
         print(f"{label}: {speed['tok_s']:.1f} tok/s unprofiled ({1e6 / speed['tok_s']:.0f} us/token); profiled "
               f"steps {', '.join(f'{x:.0f}' for x in s['step_us_all'])} us; {s['kernels_per_token']} kernels; "
-              f"tokens {s['tokens_head']}")
+              f"tokens {s['tokens_head']}; first logits vs the first row {rel:.1e}")
         for r in s["table"][:14]:
             print(f"  {r['kernel'][:70]:70s} x{r['per_token']:3d} dur {r['mean_dur_us']:6.2f} inc "
                   f"{r['mean_inc_us']:6.2f} gap {r['mean_gap_us']:6.2f} -> {r['inc_per_token_us']:7.1f} us/token")

@@ -657,9 +657,8 @@ def _step_breakdown(res, name: str, log, v4: bool = False) -> None:
             v4_items.append((f"v4 attention_fused (+ o lists){' PDL' if pdl else ''}",
                              lambda i, pdl=pdl: dops.attention_fused(p_qkv, None, cos, sin, pos, kc, vc, H, Hkv, 0,
                                                                      lists=lo, pdl=pdl)))
-        for mode in ("split", "sync"):
-            v4_items.append((f"v4 add_rmsnorm {mode} (sum down partials, + qkv lists) PDL",
-                             lambda i, mode=mode: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq, pdl=True, mode=mode)))
+        v4_items.append(("v4 add_rmsnorm (sum down partials, + qkv lists) PDL",
+                         lambda i: dops.add_rmsnorm(h, p_down, w, 1e-5, lists=lq, pdl=True)))
     out = []
     for label, fn in items:
         us = _graph_time(fn) * 1e6

@@ -134,12 +134,6 @@ def _decode_variants():
             yield (f"norm_lists D={D} seg={seg} lists={P}", dops._norm_lists_kernel,
                    {"h_ptr": "*bf16", "ss_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", **lst},
                    dict(NB_P2=dops._np2(nb), SEG=seg, P_LIST=P), 4 if seg <= 1024 else 8, 1)
-    for D in (4096, 3584):  # the sync norm (one launch, grid barrier)
-        for seg, P, S in ((256, 0, 28), (256, 0, 8), (512, 3, 7), (512, 2, 8), (256, 3, 7), (1024, 3, 7)):
-            yield (f"norm_sync D={D} seg={seg} lists={P} partials={S}", dops._norm_sync_kernel,
-                   {"h_ptr": "*bf16", "p_ptr": "*fp32", "ss_ptr": "*fp32", "bar_ptr": "*i32", "w_ptr": "*bf16",
-                    "out_ptr": "*bf16", **lst},
-                   dict(S=S, HAS_P=True, NSEG_P2=dops._np2(-(-D // seg)), SEG=seg, P_LIST=P), 4, 1)
     for block, lists in ((1024, False), (512, True), (1024, True), (2048, True)):
         for S in (2, 4):
             yield (f"silu_mul block={block} list={lists} partials={S}", dops._silu_mul_kernel,

@@ -5,8 +5,7 @@ launch. Rounding points follow `transformers` (projection outputs, residual adds
 dtype where HF rounds).
 
 * add_rmsnorm(h, partials, w, eps)   -> h += round(sum(partials)) (in place); returns rmsnorm(h) * w
-  (two launches: residual add + slice sums of squares over many programs, then norm + lists per segment; or one
-  launch with a grid barrier in between)
+  (two launches: residual add + slice sums of squares over many programs, then norm + lists per segment)
 * qkv_rope_cache(partials, bias, cos, sin, pos, k_cache, v_cache, H, Hkv) -> q [B, H, D] (RoPE'd); writes k, v
 * decode_attention(q, k_cache, v_cache, pos, window) -> o [B, H*D]   (flash-decoding: split over keys + combine)
 * silu_mul(partials, I) -> round(silu(round(gate))) * round(up)      (gate|up fused partials [S, B, 2I])
@@ -96,30 +95,16 @@ def ref_decode_attention(q, k_cache, v_cache, pos, window: int = 0):
 if HAVE_TRITON:
 
     @triton.jit
-    def _residual_add(h_ptr, p_ptr, b, B, D, offs, m, S: tl.constexpr, HAS_P: tl.constexpr, store=True):
-        """h[b] at offs, plus (HAS_P) round(sum of the S fp32 partial rows), stored back (if `store`); returns it."""
+    def _residual_add(h_ptr, p_ptr, b, B, D, offs, m, S: tl.constexpr, HAS_P: tl.constexpr):
+        """h[b] at offs, plus (HAS_P) round(sum of the S fp32 partial rows), stored back; returns it."""
         h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
         if HAS_P:
             acc = tl.load(p_ptr + b * D + offs, mask=m, other=0.0)
             for s in tl.static_range(1, S):  # unrolled: all partial rows in flight at once
                 acc += tl.load(p_ptr + (s * B + b) * D + offs, mask=m, other=0.0)
             h = (h.to(tl.float32) + acc.to(h.dtype).to(tl.float32)).to(h.dtype)
-            tl.store(h_ptr + b * D + offs, h, mask=m & store)
+            tl.store(h_ptr + b * D + offs, h, mask=m)
         return h
-
-    @triton.jit
-    def _grid_barrier(bar_ptr, n):
-        """Every one of the grid's n programs waits here until all have arrived. bar[0] counts arrivals (the last
-        one resets it), bar[1] is the generation the others wait to see change; the pair is left ready for the next
-        launch. Needs all n programs resident at once: true for the norm's small grids (under PDL the next grid is
-        launched only once every program of this one has started). Stores before it are visible after it."""
-        gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire")
-        if tl.atomic_add(bar_ptr, 1, sem="acq_rel") == n - 1:
-            tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
-            tl.atomic_add(bar_ptr + 1, 1, sem="release")
-        else:
-            while tl.atomic_add(bar_ptr + 1, 0, sem="acquire") == gen:
-                pass
 
     @triton.jit
     def _norm_scale(h, rstd, w):
@@ -187,43 +172,6 @@ if HAVE_TRITON:
         if P_LIST > 0:
             t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
             _list_for(y, p, t, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, seg, SEG)
-
-    @triton.jit
-    def _norm_sync_kernel(h_ptr, p_ptr, ss_ptr, bar_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NSEG,
-                          eps, S: tl.constexpr, HAS_P: tl.constexpr, NSEG_P2: tl.constexpr, SEG: tl.constexpr,
-                          P_LIST: tl.constexpr, PHASE: tl.constexpr = 0, PDL: tl.constexpr = False):
-        """The norm in one launch. Program (b, s, p), segment s of row b: h += round(sum of the S partials) (every
-        program of the segment adds them; p == 0 stores h and the segment's sum of squares), a grid barrier, then
-        rstd from the NSEG segment sums, y = w * round(h * rstd) -> out (p == 0) and list p's segment s. The
-        norm weight and thresholds are loaded before the barrier. PHASE 1 / 2: only the half before / after the
-        barrier, as two launches (Triton's interpreter runs programs one after another: a barrier would not open)."""
-        _pdl_enter(PDL)
-        b = tl.program_id(0)
-        s = tl.program_id(1)
-        p = tl.program_id(2)
-        seg = s + tl.arange(0, 1)
-        offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
-        m = offs < D
-        if PHASE == 2:
-            h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
-        else:
-            h = _residual_add(h_ptr, p_ptr, b, B, D, offs, m, S, HAS_P, p == 0)
-            hf = h.to(tl.float32)
-            tl.store(ss_ptr + b * NSEG + seg, tl.sum(hf * hf, axis=1), mask=p == 0)
-        if PHASE != 1:
-            w = tl.load(w_ptr + offs, mask=m, other=0.0)
-            if P_LIST > 0:
-                t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
-            else:
-                t = w
-            if PHASE == 0:
-                _grid_barrier(bar_ptr, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2))
-            jb = tl.arange(0, NSEG_P2)
-            ss = tl.load(ss_ptr + b * NSEG + jb, mask=jb < NSEG, other=0.0, cache_modifier=".cg")
-            y = _norm_scale(h, 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps), w)
-            tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
-            if P_LIST > 0:
-                _list_for(y, p, t, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, seg, SEG)
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
@@ -503,54 +451,29 @@ if HAVE_TRITON:
 # dispatchers
 # ----------------------------------------------------------------------------------------------------------------
 # The norm kernel: "split" = two launches of many small programs (`_add_sumsq_kernel` + `_norm_lists_kernel`),
-# "sync" = one launch with a grid barrier between the sums of squares and the normalisation (`_norm_sync_kernel`),
 # "row" = the version-3 kernel, one program per row (kept for the benchmark's side-by-side rows).
 NORM_MODE = "split"
 SUMSQ_BLOCK = 256  # channels per program of the split norm's first launch (D = 4096: 16 programs)
-_BARRIERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _barrier(device: torch.device) -> torch.Tensor:
-    """The sync norm's grid barrier (2 int32, see `_grid_barrier`), one per device; every launch leaves it ready
-    for the next, so launches on one stream share it. Made on first use (the decode loop's eager warm-up steps
-    run before its CUDA graph is captured)."""
-    if device not in _BARRIERS:
-        _BARRIERS[device] = torch.zeros(2, device=device, dtype=torch.int32)
-    return _BARRIERS[device]
 
 
 def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor, eps: float,
                 lists: tuple | None = None, pdl: bool = False, mode: str | None = None) -> torch.Tensor:
     """h [B, D] (updated in place with the summed partials), returns rmsnorm(h) * w in h's dtype.
     lists = (t [P, D] fp32, seg, (idx, xv, cnt)): batch 1 only; also writes the survivor lists of the result.
-    mode: "split", "sync" or "row" (see `NORM_MODE`, the default)."""
+    mode: "split" or "row" (see `NORM_MODE`, the default)."""
     if not _use_triton(h):
         out = ref_add_rmsnorm(h, partials, w, eps)
         if lists is not None:
             reference_compact(out, lists[0], lists[1], lists[2])
         return out
     mode = mode or NORM_MODE
-    assert mode in ("split", "sync", "row"), f"unknown norm mode {mode!r}"
+    assert mode in ("split", "row"), f"unknown norm mode {mode!r}"
     B, D = h.shape
     out = torch.empty_like(h)
     S = partials.shape[0] if partials is not None else 0
     t, (idx, xv, cnt) = (lists[0], lists[2]) if lists is not None else (h, (h, h, h))
     P = t.shape[0] if lists is not None else 0
     p_arg = partials if partials is not None else h
-    if mode == "sync":
-        seg = lists[1] if lists is not None else SUMSQ_BLOCK
-        nseg = math.ceil(D / seg)
-        assert lists is None or (B == 1 and t.shape == (P, D) and cnt.shape == (P, nseg))
-        ss = torch.empty((B, nseg), device=h.device, dtype=torch.float32)
-        args = (h, p_arg, ss, _barrier(h.device), w, out, t, idx, xv, cnt, B, D, nseg, eps)
-        kw = dict(S=S, HAS_P=partials is not None, NSEG_P2=_np2(nseg), SEG=seg, P_LIST=P,
-                  num_warps=4 if seg <= 1024 else 8, **pdl_kwargs(pdl))
-        if h.is_cuda:
-            _norm_sync_kernel[(B, nseg, max(P, 1))](*args, PHASE=0, **kw)
-        else:  # Triton's interpreter: the two halves as two launches
-            _norm_sync_kernel[(B, nseg, 1)](*args, PHASE=1, **kw)
-            _norm_sync_kernel[(B, nseg, max(P, 1))](*args, PHASE=2, **kw)
-        return out
     if mode == "split":
         seg = lists[1] if lists is not None else 1024
         nseg = math.ceil(D / seg)
