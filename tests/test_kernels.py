@@ -289,6 +289,15 @@ INTERP = textwrap.dedent("""
     ops._use_triton = lambda _: True
     am = ops.argmax_rows(lg)
     argmax_ok = torch.equal(am, lg.argmax(-1)) and am.tolist()[1:] == [700, 1029]
+    # with the greedy loop's bookkeeping (tokens, output column at step, step and pos advanced), twice
+    got = []
+    for tri in (True, False):
+        ops._use_triton = lambda _, tri=tri: tri
+        st = (torch.zeros(3, dtype=torch.long), torch.full((3, 4), -1), torch.tensor([3]), torch.tensor([10]))
+        for row in (lg, lg.flip(1)):
+            ops.argmax_rows(row.contiguous(), advance=st)
+        got.append(st)
+    argmax_ok &= all(torch.equal(a, b) for a, b in zip(*got)) and got[0][2].item() == 5 and got[0][3].item() == 12
     ops._use_triton = use
     print("WORST", worst, max(e), "lists identical", lists_ok, "argmax", argmax_ok)
     sys.exit(0 if worst < 1e-6 and max(e) < 1e-5 and lists_ok and argmax_ok else 1)

@@ -40,11 +40,9 @@ class GraphGenerator:
     def _step(self) -> None:
         d = self.dec
         logits = d.step()
-        nxt = argmax_rows(logits, pdl=d.fused and d.pdl and d.device.type == "cuda")
-        self.out.index_copy_(1, self.idx.clamp(max=self.max_new - 1), nxt[:, None])
-        d.tokens.copy_(nxt)
-        d.pos.add_(1)
-        self.idx.add_(1)
+        # the next token into d.tokens and self.out[:, idx], then idx and pos advance (one launch on CUDA)
+        argmax_rows(logits, pdl=d.fused and d.pdl and d.device.type == "cuda",
+                    advance=(d.tokens, self.out, self.idx, d.pos))
         self.logits = logits
 
     def capture(self) -> None:

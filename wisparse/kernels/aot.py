@@ -161,8 +161,10 @@ def _v4_variants():
                dict(S=S, BLOCK=1024, PDL=True), 4, 1)
     yield ("v4 argmax blocks PDL", dops._argmax_blocks_kernel,
            {"x_ptr": "*bf16", "val_ptr": "*fp32", "idx_ptr": "*i32"}, dict(BLOCK=1024, PDL=True), 4, 1)
-    yield ("v4 argmax final PDL", dops._argmax_final_kernel,
-           {"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64"}, dict(BLOCK=128, PDL=True), 4, 1)
+    for adv in (False, True):
+        yield (f"v4 argmax final advance={adv} PDL", dops._argmax_final_kernel,
+               {"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "tok_ptr": "*i64", "gen_ptr": "*i64",
+                "step_ptr": "*i64", "pos_ptr": "*i64"}, dict(BLOCK_B=2, BLOCK=128, ADVANCE=adv, PDL=True), 4, 1)
     yield ("v4 attn_combine (batch > 1) PDL", dops._attn_combine_kernel,
            {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16"},
            dict(G=4, BLOCK_G=16, BLOCK_S=8, D=128, PDL=True), 4, 3)

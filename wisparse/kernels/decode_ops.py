@@ -436,15 +436,29 @@ if HAVE_TRITON:
         tl.store(idx_ptr + b * NBLK + j, j * BLOCK + tl.argmax(x, axis=0, tie_break_left=True))
 
     @triton.jit
-    def _argmax_final_kernel(val_ptr, idx_ptr, out_ptr, NBLK, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        """Program b: the first block holding row b's maximum -> that block's index (torch.argmax's first
-        occurrence)."""
+    def _argmax_final_kernel(val_ptr, idx_ptr, out_ptr, tok_ptr, gen_ptr, step_ptr, pos_ptr, B, NBLK, MAX_NEW,
+                             BLOCK_B: tl.constexpr, BLOCK: tl.constexpr, ADVANCE: tl.constexpr,
+                             PDL: tl.constexpr = False):
+        """One program, all rows: row b's first block holding its maximum -> that block's index (torch.argmax's
+        first occurrence) -> out[b]. ADVANCE (the greedy loop's bookkeeping, which took four torch launches):
+        also tokens[b] and gen[b, min(step, MAX_NEW - 1)] = that index, then step += 1 and pos += 1."""
         _pdl_enter(PDL)
-        b = tl.program_id(0)
+        rb = tl.arange(0, BLOCK_B)
         r = tl.arange(0, BLOCK)
-        v = tl.load(val_ptr + b * NBLK + r, mask=r < NBLK, other=float("-inf"))
-        best = tl.argmax(v, axis=0, tie_break_left=True)
-        tl.store(out_ptr + b, tl.load(idx_ptr + b * NBLK + best).to(tl.int64))
+        bm = rb < B
+        v = tl.load(val_ptr + rb[:, None] * NBLK + r[None, :], mask=bm[:, None] & (r < NBLK)[None, :],
+                    other=float("-inf"))
+        best = tl.argmax(v, axis=1, tie_break_left=True)
+        nxt = tl.load(idx_ptr + rb * NBLK + best, mask=bm, other=0).to(tl.int64)
+        tl.store(out_ptr + rb, nxt, mask=bm)
+        if ADVANCE:
+            step = tl.load(step_ptr)
+            pos = tl.load(pos_ptr)
+            tl.store(tok_ptr + rb, nxt, mask=bm)
+            tl.store(gen_ptr + rb * MAX_NEW + tl.minimum(step, MAX_NEW - 1), nxt, mask=bm)
+            tl.debug_barrier()  # every thread has read step and pos before they move on
+            tl.store(step_ptr, step + 1)
+            tl.store(pos_ptr, pos + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -609,18 +623,32 @@ def sum_partials(partials: torch.Tensor, dtype: torch.dtype, pdl: bool = False) 
     return out
 
 
-def argmax_rows(logits: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+def argmax_rows(logits: torch.Tensor, pdl: bool = False, advance: tuple | None = None) -> torch.Tensor:
     """logits [B, V] -> int64 [B], the first index of each row's maximum (as `logits.argmax(-1)`). Two Triton
-    launches of many programs: torch's argmax took 28 us on the H200 for one 128256-wide row (run 12's timeline)."""
+    launches: torch's argmax took 28 us on the H200 for one 128256-wide row (run 12's timeline).
+    advance = (tokens [B], gen [B, M], step [1], pos [1]), int64: the greedy loop's bookkeeping in the same launch:
+    tokens = the argmax, gen[:, min(step, M - 1)] = it, step += 1, pos += 1."""
     if not _use_triton(logits) or not logits.is_contiguous():
-        return logits.argmax(dim=-1)
+        nxt = logits.argmax(dim=-1)
+        if advance is not None:
+            tokens, gen, step, pos = advance
+            gen.index_copy_(1, step.clamp(max=gen.shape[1] - 1), nxt[:, None])
+            tokens.copy_(nxt)
+            step.add_(1)
+            pos.add_(1)
+        return nxt
     B, V = logits.shape
     block = 1024
     nblk = math.ceil(V / block)
     vals = torch.empty((B, nblk), device=logits.device, dtype=torch.float32)
     idx = torch.empty((B, nblk), device=logits.device, dtype=torch.int32)
     out = torch.empty((B,), device=logits.device, dtype=torch.long)
+    tokens, gen, step, pos = advance if advance is not None else (out, out, out, out)
+    assert advance is None or (gen.shape[0] == B and gen.is_contiguous() and tokens.shape == (B,)
+                               and all(x.dtype == torch.long for x in advance))
     kw = pdl_kwargs(pdl)
     _argmax_blocks_kernel[(B, nblk)](logits, vals, idx, V, nblk, BLOCK=block, num_warps=4, **kw)
-    _argmax_final_kernel[(B,)](vals, idx, out, nblk, BLOCK=max(16, _np2(nblk)), num_warps=4, **kw)
+    _argmax_final_kernel[(1,)](vals, idx, out, tokens, gen, step, pos, B, nblk, gen.shape[-1] if advance else 1,
+                               BLOCK_B=max(2, _np2(B)), BLOCK=max(16, _np2(nblk)), ADVANCE=advance is not None,
+                               num_warps=4, **kw)
     return out

@@ -1,0 +1,41 @@
+"""Write the launch configurations the full benchmark reads: run 10's sweep, with the batch-1 list GEMVs of q/k/v
+and o replaced by the configurations that won inside the decode loop (session 7's timeline runs 17-19).
+
+The sweep times each GEMV alone in a graph, where these candidates were within 0.3 us of run 10's choices; in the
+loop, 64-column tiles over 1024-channel segments halve the partials that the attention split (q/k/v) and the norm
+(o) sum and gave 341.4 tok/s against 334.8 in the same runs (Llama-3.1-8B at 0.50; Mistral-7B has the same
+shapes). Qwen2.5-7B's shapes keep run 10's choices (not measured in the loop).
+
+    python benchmarks/loop_tuned_configs.py   # -> benchmarks/results/configs_loop_tuned.json
+"""
+from __future__ import annotations
+
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "results", "decode_h200_run10.json")
+OUT = os.path.join(HERE, "results", "configs_loop_tuned.json")
+# key -> (block_n, kr, block_k, warps, stages, dot, compact, prefetch, listed, split)
+LOOP_TUNED = {
+    "4096x6144x3|1|0": [64, 1024, 64, 4, 5, True, False, False, True, 1],  # q|k|v: run 10 had 128, 1024, ..., split 2
+    "4096x4096x1|1|0": [64, 1024, 64, 4, 5, True, False, False, True, 1],  # o: run 10 had 64, 512, ...
+}
+
+
+def main() -> None:
+    with open(SOURCE) as f:
+        run10 = json.load(f)
+    configs = dict(run10["configs"])
+    for key, cfg in LOOP_TUNED.items():
+        configs[key] = {"config": cfg, "from": "decode-loop timeline, session 7 (runs 17-19)",
+                        "replaces": configs[key]["config"]}
+    out = {"configs": configs, "env": {"date_utc": run10["env"]["date_utc"]},
+           "note": f"{os.path.relpath(SOURCE, HERE)} with the batch-1 q/k/v and o list GEMVs tuned in the loop"}
+    with open(OUT, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
