@@ -460,7 +460,8 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
             with open(configs_path) as f:
                 best = json.load(f)
             src = best.get("env", {}).get("date_utc", "") if isinstance(best.get("env"), dict) else ""
-            res["protocol"]["configs_from"] = f"{configs_path}" + (f" (a run of {src} UTC)" if src else "")
+            note = f" ({best['note']})" if best.get("note") else (f" (a run of {src} UTC)" if src else "")
+            res["protocol"]["configs_from"] = f"{configs_path}{note}"
             best = best.get("configs", best)  # a results JSON from an earlier run, or a bare configs dict
             redo = {k: v for k, v in sweep_shapes.items() if k in resweep}
             if redo:  # batch-1 sparse configurations of these shapes swept again (new candidates)
@@ -977,7 +978,8 @@ def markdown(res: dict) -> str:
           + " (block_n, kr, block_k, warps, stages, dot, compact, prefetch[, listed, split]); key = K x N x "
           "projections | batch | dense", ""]
     for k, v in res.get("configs", {}).items():
-        L.append(f"- {k}: {v['config']} ({v['us']:.1f} us)")
+        how = f"{v['us']:.1f} us" if "us" in v else f"{v.get('from', 'given')}, replacing {v.get('replaces')}"
+        L.append(f"- {k}: {v['config']} ({how})")
     return "\n".join(L) + "\n"
 
 
