@@ -102,8 +102,9 @@ def main(argv=None) -> None:
     ap.add_argument("--norm-modes", default="",
                     help="more variants, dense and sparse: the norm kernel in these modes, e.g. 'sync'")
     ap.add_argument("--cfg", action="append", default=[],
-                    help="a sparse variant with one group's batch-1 list GEMV configuration replaced: "
-                         "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (several groups joined by ';')")
+                    help="a variant with batch-1 GEMV configurations replaced: 'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT'"
+                         " (sparse list GEMV), 'd.o=...' (dense GEMV: a dense row), 'sub.o=R' (sub-lists), "
+                         "'sumsq=N' (the norm's first-launch block), 'dense' (a dense row); several joined by ';'")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -121,42 +122,54 @@ def main(argv=None) -> None:
     default_sub = dict(model_mod.LIST_SUBLISTS)
     default_norm = dops.NORM_MODE
     whole = {g: 1 for g in model_mod.LIST_SUBLISTS}  # one sub-list per segment: whole-segment lists
-    # (label, sparse, sub-lists, norm mode, {group: list GEMV configuration})
-    variants = [("dense", False, None, None, {}), (f"uniform {a.level:.2f}", True, None, None, {})]
+    # (label, sparse, sub-lists, norm mode, {(group, dense): GEMV configuration}, norm sum-of-squares block)
+    variants = [("dense", False, None, None, {}, None), (f"uniform {a.level:.2f}", True, None, None, {}, None)]
     if a.whole_lists:
-        variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole, None, {}))
+        variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole, None, {}, None))
     for spec in filter(None, a.sublists.split(";")):  # e.g. "qkv=2,gu=2,down=4,o=4"
         sub = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-        variants.append((f"uniform {a.level:.2f}, sub-lists {spec}", True, {**default_sub, **sub}, None, {}))
+        variants.append((f"uniform {a.level:.2f}, sub-lists {spec}", True, {**default_sub, **sub}, None, {}, None))
     for mode in filter(None, a.norm_modes.split(",")):
-        variants += [(f"dense, {mode} norm", False, None, mode, {}),
-                     (f"uniform {a.level:.2f}, {mode} norm", True, None, mode, {})]
+        variants += [(f"dense, {mode} norm", False, None, mode, {}, None),
+                     (f"uniform {a.level:.2f}, {mode} norm", True, None, mode, {}, None)]
     group_shape = engine_shapes(dec)
-    for spec in a.cfg:  # e.g. "o=64,512,32,4,8,1;qkv=128,512,64,4,5,1;sub.qkv=4"
-        over, sub = {}, {}
+    for spec in a.cfg:  # e.g. "o=64,512,32,4,8,1;qkv=128,512,64,4,5,1;sub.qkv=4", "d.down=64,2048,64,4,4,1"
+        over, sub, sumsq, dense, dense_row = {}, {}, None, False, False
         for part in spec.split(";"):
+            if part == "dense":  # a dense row with only the other settings of this spec (e.g. sumsq)
+                dense_row = True
+                continue
             g, v = part.split("=")
             if g.startswith("sub."):  # sub-lists per segment for this group
                 sub[g[4:]] = int(v)
                 continue
+            if g == "sumsq":  # channels per program of the norm's first launch
+                sumsq = int(v)
+                continue
+            dense = g.startswith("d.")  # a dense GEMV configuration: a dense row
             bn, kr, bk, nw, ns, split = (int(x) for x in v.split(","))
-            over[g] = GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns,
-                                 use_dot=True, compact=False, listed=True, split=split)
-        variants.append((f"uniform {a.level:.2f}, config {spec}", True, {**default_sub, **sub}, None, over))
+            over[(g[2:] if dense else g, dense)] = GemvConfig(
+                block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=True,
+                compact=False, listed=not dense, split=split)
+        sparse = not dense_row and (not over or any(not d for _, d in over))
+        variants.append((f"{f'uniform {a.level:.2f}' if sparse else 'dense'}, config {spec}", sparse,
+                         {**default_sub, **sub}, None, over, sumsq))
     th = None
     first_logits = {}
-    for label, sparse, sub, norm, over in variants:
+    default_sumsq = dops.SUMSQ_BLOCK
+    for label, sparse, sub, norm, over, sumsq in variants:
         if sparse and th is None:
             th = calibrate(dec, uniform_levels(dec, a.level))
             dec.set_thresholds(th)
         dec.sparse = sparse
         model_mod.LIST_SUBLISTS.update(sub or default_sub)
         dops.NORM_MODE = norm or default_norm
+        dops.SUMSQ_BLOCK = sumsq or default_sumsq
         saved = {}
-        for g, cfg in over.items():
+        for (g, dense), cfg in over.items():
             K, widths = group_shape[g]
-            saved[g] = kops.get_config(K, sum(widths), 1, False)
-            kops.set_config(K, sum(widths), 1, False, cfg)
+            saved[(g, dense)] = kops.get_config(K, sum(widths), 1, dense)
+            kops.set_config(K, sum(widths), 1, dense, cfg)
         gen.graph = None
         speed = time_decode(gen, prompt, 256, 2)
         toks = speed.pop("tokens")
@@ -179,12 +192,13 @@ def main(argv=None) -> None:
         s["first_logits_rel_err_vs_first_row"] = rel
         s["sublists_per_segment"] = dict(model_mod.LIST_SUBLISTS) if sparse else None
         s["norm_mode"] = dops.NORM_MODE
+        s["sumsq_block"] = dops.SUMSQ_BLOCK
         s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
-                        for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, False))
-                                     for g in group_shape)} if sparse else None
-        for g, cfg in saved.items():
+                        for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, not sparse))
+                                     for g in group_shape)}
+        for (g, dense), cfg in saved.items():
             K, widths = group_shape[g]
-            kops.set_config(K, sum(widths), 1, False, cfg)
+            kops.set_config(K, sum(widths), 1, dense, cfg)
         res["rows"][label] = s
         print(f"{label}: {speed['tok_s']:.1f} tok/s unprofiled ({1e6 / speed['tok_s']:.0f} us/token); profiled "
               f"steps {', '.join(f'{x:.0f}' for x in s['step_us_all'])} us; {s['kernels_per_token']} kernels; "
@@ -194,6 +208,7 @@ def main(argv=None) -> None:
                   f"{r['mean_inc_us']:6.2f} gap {r['mean_gap_us']:6.2f} -> {r['inc_per_token_us']:7.1f} us/token")
     model_mod.LIST_SUBLISTS.update(default_sub)
     dops.NORM_MODE = default_norm
+    dops.SUMSQ_BLOCK = default_sumsq
     dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]
     for label, s in res["rows"].items():
         s["speedup_vs_dense"] = s["decode_tok_s_unprofiled"] / dense_tok_s
