@@ -8,6 +8,7 @@ loop, 64-column tiles over 1024-channel segments halve the partials that the att
 shapes). Qwen2.5-7B's shapes keep run 10's choices (not measured in the loop).
 
     python benchmarks/loop_tuned_configs.py   # -> benchmarks/results/configs_loop_tuned.json
+                                              #    and the library's shipped table wisparse/kernels/tuned_sm90.json
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "results", "decode_h200_run10.json")
 OUT = os.path.join(HERE, "results", "configs_loop_tuned.json")
+TABLE = os.path.join(HERE, "..", "wisparse", "kernels", "tuned_sm90.json")  # installed by Decoder on sm_90 GPUs
 # key -> (block_n, kr, block_k, warps, stages, dot, compact, prefetch, listed, split)
 LOOP_TUNED = {
     # sparse (list GEMVs), runs 17-19
@@ -41,7 +43,12 @@ def main() -> None:
            "note": f"{os.path.relpath(SOURCE, HERE)} with batch-1 GEMVs tuned in the decode loop, sparse and dense"}
     with open(OUT, "w") as f:
         json.dump(out, f, indent=1)
-    print(f"wrote {OUT}")
+    table = {"source": "benchmarks/results/configs_loop_tuned.json (written by benchmarks/loop_tuned_configs.py)",
+             "measured_on": "NVIDIA H200 (runs 10, 17-23)",
+             "configs": {k: {"config": v["config"]} for k, v in configs.items()}}
+    with open(TABLE, "w") as f:
+        json.dump(table, f, indent=0)
+    print(f"wrote {OUT} and {os.path.normpath(TABLE)} ({len(configs)} configurations)")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def summarise(replay: list[dict], n_layers: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b")
-    ap.add_argument("--configs", default="benchmarks/results/decode_h200.json")
+    ap.add_argument("--configs", default="benchmarks/results/decode_h200.json",
+                    help="launch configurations (a benchmark JSON), or 'none' for the library's own")
     ap.add_argument("--level", type=float, default=0.5)
     ap.add_argument("--replays", type=int, default=4)
     ap.add_argument("--v3", action="store_true", help="version 3 step instead of version 4")
@@ -102,8 +103,9 @@ def main(argv=None) -> None:
     ap.add_argument("--norm-modes", default="",
                     help="more variants, dense and sparse: the norm kernel in these modes, e.g. 'sync'")
     ap.add_argument("--cfg", action="append", default=[],
-                    help="a variant with batch-1 GEMV configurations replaced: 'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT'"
-                         " (sparse list GEMV), 'd.o=...' (dense GEMV: a dense row), 'sub.o=R' (sub-lists), "
+                    help="a variant with batch-1 GEMV configurations replaced: "
+                         "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (sparse list GEMV), 'd.o=...' (dense GEMV: a dense "
+                         "row), 'sub.o=R' (sub-lists), "
                          "'sumsq=N' (the norm's first-launch block), 'dense' (a dense row); several joined by ';'")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -111,13 +113,14 @@ def main(argv=None) -> None:
     t0 = time.time()
     dims = _shape_dims(a.model)
     shapes = {f"{K}x{sum(w)}x{len(w)}": (K, w) for K, w in dims.values()}  # the model's own GEMV shapes
-    with open(a.configs) as f:
-        best = json.load(f)["configs"]
-    install_configs({k: v for k, v in best.items() if k.split("|")[0] in shapes}, shapes)
+    if a.configs != "none":  # "none": the library's own choice (the shipped table of this GPU, else the heuristic)
+        with open(a.configs) as f:
+            best = json.load(f)["configs"]
+        install_configs(best, shapes)
     dec = Decoder.random(a.model, device="cuda", dtype=torch.bfloat16, seed=0, fused=not a.v3)
     prompt = torch.randint(0, dec.V, (1, 128), generator=torch.Generator().manual_seed(0)).cuda()
     gen = GraphGenerator(dec, batch=1, max_len=128 + 256 + 64, max_new_tokens=256)
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model,
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model, "configs": a.configs,
            "step": "v3" if a.v3 else "v4", "rows": {}}
     default_sub = dict(model_mod.LIST_SUBLISTS)
     default_norm = dops.NORM_MODE

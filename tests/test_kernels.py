@@ -488,3 +488,34 @@ def test_gpu_decode_ops_match_reference():
     finally:
         ops._use_triton = use
 
+
+
+def test_shipped_tuned_table_installs_without_overriding():
+    """The shipped sm_90 table (benchmarks/loop_tuned_configs.py) parses into valid configurations covering the
+    Llama-3.1-8B / Mistral-7B groups at batch 1 and 2-8, dense and sparse; installing it keeps configurations that
+    were already set (a sweep, set_config) and fills the rest."""
+    import json
+
+    from wisparse.kernels import ops as kops
+
+    saved = dict(kops._CONFIGS)
+    try:
+        kops._CONFIGS.clear()
+        path = os.path.join(ROOT, "wisparse", "kernels", kops.TUNED_TABLES[(9, 0)])
+        with open(path) as f:
+            table = json.load(f)["configs"]
+        mine = GemvConfig(block_n=32, kr=256, block_k=16)
+        kops.set_config(4096, 6144, 1, False, mine)
+        n = kops.install_table(table, overwrite=False)
+        assert kops.get_config(4096, 6144, 1, False) is mine  # kept
+        assert n == sum(1 if k.split("|")[1] == "1" else 7 for k in table) - 1
+        for K, N in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)):  # q|k|v, o, gate|up, down
+            for B in (1, 2, 8):
+                for dense in (False, True):
+                    assert (K, N, B, dense) in kops._CONFIGS
+        # batch-1 sparse entries walk survivor lists (the engine's producers write them); dense ones never do
+        assert all(kops.config_from_list(v["config"]).listed == k.endswith("|1|0") for k, v in table.items())
+        assert kops.get_config(4096, 4096, 1, False) == kops.config_from_list(table["4096x4096x1|1|0"]["config"])
+    finally:
+        kops._CONFIGS.clear()
+        kops._CONFIGS.update(saved)

@@ -138,11 +138,7 @@ SWEEP = SWEEP_SPARSE + SWEEP_DENSE + SWEEP_BATCH
 
 
 def _cfg(t) -> GemvConfig:
-    bn, kr, bk, nw, ns, dot, compact, prefetch = t[:8]
-    listed, split = (t[8], t[9]) if len(t) > 8 else (False, 1)
-    skip_rows = t[10] if len(t) > 10 else True
-    return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=dot,
-                      compact=compact, prefetch=prefetch, listed=listed, split=split, skip_rows=skip_rows)
+    return kops.config_from_list(t)
 
 
 def _mode(t) -> str:
@@ -285,12 +281,8 @@ def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print, fused: se
 
 
 def install_configs(best: dict, shapes: dict[str, tuple[int, list[int]]]) -> None:
-    for key, v in best.items():
-        name, B, dense = key.split("|")
-        K, widths = shapes[name]
-        cfg = _cfg(v["config"])
-        for b in ([int(B)] if int(B) == 1 else [2, 3, 4, 5, 6, 7, 8]):
-            kops.set_config(K, sum(widths), b, bool(int(dense)), cfg)
+    """Install the configurations of `best` (the sweep's format) whose shape is one of `shapes`."""
+    kops.install_table({k: v for k, v in best.items() if k.split("|")[0] in shapes})
 
 
 def engine_shapes(dec) -> dict[str, tuple[int, list[int]]]:
@@ -820,7 +812,7 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
 
     torch.manual_seed(0)
     # version 3 for the main rows (as in runs 1-6); `_v4_rows` adds version 4 (the library default) beside them
-    dec = Decoder.random(name, device="cuda", dtype=torch.bfloat16, seed=mi, fused=False)
+    dec = Decoder.random(name, device="cuda", dtype=torch.bfloat16, seed=mi, fused=False, tuned=False)
     gprompt = torch.Generator().manual_seed(0)
     th = {}
     lv_list = [("uniform", lv, uniform_levels(dec, lv)) for lv in levels]

@@ -110,7 +110,8 @@ def rope_tables(config, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Decoder:
-    def __init__(self, config, embed, layers, norm, lm_head, dtype, device, fused: bool = True, pdl: bool = True):
+    def __init__(self, config, embed, layers, norm, lm_head, dtype, device, fused: bool = True, pdl: bool = True,
+                 tuned: bool = True):
         if config.model_type not in FAMILIES:
             raise ValueError(f"model type {config.model_type!r} not supported (supported: {', '.join(FAMILIES)})")
         self.config = config
@@ -143,12 +144,14 @@ class Decoder:
         self.B = self.L = 0
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # next position to write
         self.tokens = torch.zeros(1, dtype=torch.long, device=self.device)  # current input token per row [B]
+        if tuned:  # the shipped launch configurations of this GPU generation, where none were set
+            kops.install_tuned(self.device)
 
     # ------------------------------------------------------------------------------------------------------------
     # construction
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, model, share_weights: bool = True, fused: bool = True) -> "Decoder":
+    def from_hf(cls, model, share_weights: bool = True, fused: bool = True, tuned: bool = True) -> "Decoder":
         """Read a `transformers` Llama/Mistral/Qwen2 model (SparseLinear modules in threshold mode are sparse).
 
         With `share_weights`, each group's weights are copied once into the transposed concatenated layout and the
@@ -189,11 +192,11 @@ class Decoder:
             model.lm_head.weight.data = lm_t.t()
             lm_head = model.lm_head.weight.detach()
         return cls(config, core.embed_tokens.weight.detach(), layers, core.norm.weight.detach(), lm_head, dtype, device,
-                   fused=fused)
+                   fused=fused, tuned=tuned)
 
     @classmethod
     def random(cls, name_or_config, device="cuda", dtype=torch.bfloat16, seed: int = 0, num_layers: int | None = None,
-               std: float = 0.02, fused: bool = True) -> "Decoder":
+               std: float = 0.02, fused: bool = True, tuned: bool = True) -> "Decoder":
         """Random weights (normal, std 0.02 like HF's initializer) for a named shape or a config; dense thresholds."""
         from .shapes import hf_config
 
@@ -224,7 +227,7 @@ class Decoder:
         embed = rnd(config.vocab_size, D)
         lm_head = embed if config.tie_word_embeddings else rnd(D, config.vocab_size).t()
         return cls(config, embed, layers, torch.ones(D, device=device, dtype=dtype), lm_head, dtype, device,
-                   fused=fused)
+                   fused=fused, tuned=tuned)
 
     def groups(self):
         """(layer index, group name, Group) for every group, in order."""
@@ -277,7 +280,7 @@ class Decoder:
         `hook(layer, group_name, x)` (optional) sees each group's input x [B, T, K] (calibration, mask checks).
         """
         B, T = tokens.shape
-        D, H, Hkv, Dh = self.D, self.H, self.Hkv, self.Dh
+        H, Hkv, Dh = self.H, self.Hkv, self.Dh
         cos = self.cos[start:start + T].to(self.dtype)
         sin = self.sin[start:start + T].to(self.dtype)
 

@@ -31,12 +31,57 @@ from .sparse_gemv import (
     reference_gemv_list,
 )
 
-# Tuned launch configurations by (K, N, B); filled by `set_config` (the benchmark's sweep) or left to the heuristic.
+# Tuned launch configurations by (K, N, B); filled by `set_config` (the benchmark's sweep), by `install_tuned` (the
+# shipped table of a GPU generation) or left to the heuristic.
 _CONFIGS: dict[tuple[int, int, int, bool], GemvConfig] = {}
+# Shipped tables by compute capability: measured on an H200 (benchmarks/loop_tuned_configs.py writes it from the
+# benchmark's results); shapes of Llama-3.1-8B / Mistral-7B and Qwen2.5-7B, batch 1 and 2-8.
+TUNED_TABLES = {(9, 0): "tuned_sm90.json"}
 
 
 def set_config(K: int, N: int, B: int, dense: bool, config: GemvConfig) -> None:
     _CONFIGS[(K, N, B, dense)] = config
+
+
+def config_from_list(t: list) -> GemvConfig:
+    """A configuration from the benchmark's list form (block_n, kr, block_k, warps, stages, dot, compact, prefetch[,
+    listed, split[, skip_rows]])."""
+    bn, kr, bk, nw, ns, dot, compact, prefetch = t[:8]
+    listed, split = (t[8], t[9]) if len(t) > 8 else (False, 1)
+    skip_rows = t[10] if len(t) > 10 else True
+    return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=dot,
+                      compact=compact, prefetch=prefetch, listed=listed, split=split, skip_rows=skip_rows)
+
+
+def install_table(configs: dict, overwrite: bool = True) -> int:
+    """Install a table {"KxNxP|B|dense": {"config": [...]}} (the benchmark's format; B 1, or 8 for batch 2-8).
+    overwrite=False keeps configurations already set. Returns how many were installed."""
+    n = 0
+    for key, v in configs.items():
+        shape, B, dense = key.split("|")
+        K, N = (int(x) for x in shape.split("x")[:2])
+        for b in ([int(B)] if int(B) == 1 else range(2, 9)):
+            k = (K, N, b, bool(int(dense)))
+            if overwrite or k not in _CONFIGS:
+                _CONFIGS[k] = config_from_list(v["config"])
+                n += 1
+    return n
+
+
+def install_tuned(device: torch.device | str) -> int:
+    """Install the shipped table for `device`'s GPU generation (CUDA; none for others), keeping configurations
+    already set (a sweep, `set_config`). Returns how many were installed."""
+    import json
+    import os
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    name = TUNED_TABLES.get(torch.cuda.get_device_capability(device))
+    if name is None:
+        return 0
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)) as f:
+        return install_table(json.load(f)["configs"], overwrite=False)
 
 
 def get_config(K: int, N: int, B: int, dense: bool = False) -> GemvConfig:
