@@ -107,14 +107,16 @@ if HAVE_TRITON:
         return h
 
     @triton.jit
-    def _norm_scale(h, rstd, w):
+    def _norm_scale(h, rstd, w_ptr, offs, m):
         """y = w * round(h * rstd), rounded where transformers rounds."""
         xn = (h.to(tl.float32) * rstd).to(h.dtype)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0)
         return (w.to(tl.float32) * xn.to(tl.float32)).to(h.dtype)
 
     @triton.jit
-    def _list_for(y, p, t, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, seg, SEG: tl.constexpr):
-        """Survivor list p of y (segments seg) against projection p's thresholds t (at offs)."""
+    def _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG: tl.constexpr):
+        """Survivor list p of y (segments seg) against projection p's thresholds."""
+        t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
         keep = tl.abs(y.to(tl.float32)) > t
         _store_list(y, keep, offs, seg, seg < NSEG, p * D, p * NSEG, idx_ptr, xv_ptr, cnt_ptr, SEG)
 
@@ -131,11 +133,10 @@ if HAVE_TRITON:
         h = _residual_add(h_ptr, p_ptr, b, B, D, offs, m, S, HAS_P)
         hf = h.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(hf * hf, axis=1), axis=0) / D + eps)
-        y = _norm_scale(h, rstd, tl.load(w_ptr + offs, mask=m, other=0.0))
+        y = _norm_scale(h, rstd, w_ptr, offs, m)
         tl.store(out_ptr + b * D + offs, y, mask=m)
         for p in tl.static_range(P_LIST):  # batch 1: survivor lists of y for each projection's thresholds
-            t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
-            _list_for(y, p, t, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, seg, SEG)
+            _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
 
     @triton.jit
     def _add_sumsq_kernel(h_ptr, p_ptr, ss_ptr, B, D, NB, S: tl.constexpr, HAS_P: tl.constexpr,
@@ -166,12 +167,10 @@ if HAVE_TRITON:
         seg = s + tl.arange(0, 1)
         offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
         m = offs < D
-        h = tl.load(h_ptr + b * D + offs, mask=m, other=0.0)
-        y = _norm_scale(h, rstd, tl.load(w_ptr + offs, mask=m, other=0.0))
+        y = _norm_scale(tl.load(h_ptr + b * D + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
         tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
         if P_LIST > 0:
-            t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
-            _list_for(y, p, t, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, seg, SEG)
+            _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
