@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from wisparse.engine.bench import _shape_dims, engine_shapes, install_configs  # noqa: E402
+from wisparse.engine.bench import _shape_dims, config_from_spec, engine_shapes, install_configs  # noqa: E402
 from wisparse.engine.calibrate import calibrate, uniform_levels  # noqa: E402
 from wisparse.engine.generate import GraphGenerator  # noqa: E402
 from wisparse.engine.model import Decoder  # noqa: E402
@@ -31,13 +31,8 @@ from wisparse.kernels.sparse_gemv import GemvConfig  # noqa: E402
 
 
 def parse_cfg(spec: str) -> dict[str, GemvConfig]:
-    over = {}
-    for part in spec.split(";"):
-        g, v = part.split("=")
-        bn, kr, bk, nw, ns, split = (int(x) for x in v.split(","))
-        over[g] = GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns,
-                             use_dot=True, compact=False, listed=True, split=split)
-    return over
+    """'qkv=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT;o=...' -> batch-1 list-GEMV configurations by group."""
+    return {g: config_from_spec(v) for g, v in (part.split("=") for part in spec.split(";"))}
 
 
 @torch.no_grad()

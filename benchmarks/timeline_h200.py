@@ -21,14 +21,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from wisparse.engine.bench import _shape_dims, engine_shapes, install_configs, time_decode  # noqa: E402
+from wisparse.engine.bench import (_shape_dims, config_from_spec, engine_shapes, install_configs,  # noqa: E402
+                                   time_decode)
 from wisparse.engine.calibrate import calibrate, uniform_levels  # noqa: E402
 from wisparse.engine.generate import GraphGenerator  # noqa: E402
 from wisparse.engine import model as model_mod  # noqa: E402
 from wisparse.engine.model import Decoder  # noqa: E402
 from wisparse.kernels import decode_ops as dops  # noqa: E402
 from wisparse.kernels import ops as kops  # noqa: E402
-from wisparse.kernels.sparse_gemv import GemvConfig  # noqa: E402
 
 GEMV_NAMES = ("_gemv_list_kernel", "_sparse_gemv_kernel", "_fused_mlp")
 
@@ -150,10 +150,7 @@ def main(argv=None) -> None:
                 sumsq = int(v)
                 continue
             dense = g.startswith("d.")  # a dense GEMV configuration: a dense row
-            bn, kr, bk, nw, ns, split = (int(x) for x in v.split(","))
-            over[(g[2:] if dense else g, dense)] = GemvConfig(
-                block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=True,
-                compact=False, listed=not dense, split=split)
+            over[(g[2:] if dense else g, dense)] = config_from_spec(v, dense)
         sparse = not dense_row and (not over or any(not d for _, d in over))
         variants.append((f"{f'uniform {a.level:.2f}' if sparse else 'dense'}, config {spec}", sparse,
                          {**default_sub, **sub}, None, over, sumsq))

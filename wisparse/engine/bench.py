@@ -137,8 +137,12 @@ SWEEP_BATCH = [
 SWEEP = SWEEP_SPARSE + SWEEP_DENSE + SWEEP_BATCH
 
 
-def _cfg(t) -> GemvConfig:
-    return kops.config_from_list(t)
+def config_from_spec(text: str, dense: bool = False) -> GemvConfig:
+    """A batch-1 configuration from 'BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (the timeline's variants): the list GEMV
+    when sparse, static addresses when dense."""
+    bn, kr, bk, nw, ns, split = (int(x) for x in text.split(","))
+    return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=True,
+                      compact=False, listed=not dense, split=split)
 
 
 def _mode(t) -> str:
@@ -151,7 +155,7 @@ def _mode(t) -> str:
 
 def _fits(K: int, N: int, t) -> bool:
     """Listed candidates: segment <= K rounded up to a power of two, 128..1536 programs, at most 32 partials."""
-    cfg = _cfg(t)
+    cfg = kops.config_from_list(t)
     if not cfg.listed:
         return True
     S = math.ceil(K / cfg.kr) * cfg.split
@@ -173,7 +177,7 @@ def check_kernel(n_cases: int = 16, seed: int = 0, log=print) -> dict:
         dtype = [torch.bfloat16, torch.float16][c % 2]
         sp = [0.0, 0.3, 0.5, 0.7, 0.9, 0.99][c % 6]
         dense = c % 7 == 3
-        cfg = _cfg(SWEEP[c % len(SWEEP)])
+        cfg = kops.config_from_list(SWEEP[c % len(SWEEP)])
         N = sum(widths)
         wt = (torch.randn(K, N, device="cuda", generator=gen) * 0.05).to(dtype)
         xs, t = _inputs(K, B, P, sp, 1, dtype, gen)
@@ -261,7 +265,7 @@ def sweep_configs(shapes: dict[str, tuple[int, list[int]]], log=print, fused: se
                 if B == 1 and not _fits(K, N, c):
                     continue
                 try:
-                    r = time_kernel(K, widths, B, 0.5, _cfg(c), dense=dense, prelisted=name in fused)
+                    r = time_kernel(K, widths, B, 0.5, kops.config_from_list(c), dense=dense, prelisted=name in fused)
                     res.append((r["us"], c))
                 except Exception as e:  # a config that does not compile / fit
                     log(f"  config {c} failed: {type(e).__name__}: {str(e)[:120]}")
