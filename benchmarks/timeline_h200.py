@@ -29,6 +29,7 @@ from wisparse.engine import model as model_mod  # noqa: E402
 from wisparse.engine.model import Decoder  # noqa: E402
 from wisparse.kernels import decode_ops as dops  # noqa: E402
 from wisparse.kernels import ops as kops  # noqa: E402
+from wisparse.kernels import sparse_gemv as sg  # noqa: E402
 
 GEMV_NAMES = ("_gemv_list_kernel", "_sparse_gemv_kernel", "_fused_mlp")
 
@@ -88,6 +89,66 @@ def summarise(replay: list[dict], n_layers: int) -> dict:
             "per_layer_us": step / n_layers}
 
 
+def traced_step(gen, prompt) -> tuple[torch.Tensor, list[dict]]:
+    """One decode step's per-program GEMV records (`sparse_gemv.TRACE`): capture a graph with tracing compiled in,
+    replay it (the records of the last replay stay), and return the records and the capture's launch log."""
+    tr = {"buf": torch.zeros(16_000_000, dtype=torch.int64, device="cuda"), "next": 0, "log": []}
+    sg.TRACE = tr
+    try:
+        gen.graph = None
+        gen.prefill(prompt)
+        gen.capture()  # two eager warm-up steps, then the captured one: the last third of the log is the graph's
+    finally:
+        sg.TRACE = None
+    log = tr["log"][-len(tr["log"]) // 3:]
+    tr["buf"].zero_()
+    gen.prefill(prompt)
+    gen.decode(16)
+    torch.cuda.synchronize()
+    buf = tr["buf"].cpu()
+    gen.graph = None  # the next variant captures without tracing
+    return buf, log
+
+
+def trace_summary(buf: torch.Tensor, log: list[dict], read_tb_s: float = 4.45) -> list[dict]:
+    """Per GEMV kind (kind and grid), means over its launches in the step (us): when its programs got past the PDL
+    wait (relative to the first one, T0 ~ the predecessor's completion), how long the list counts took, the loop,
+    when programs finished (median / last), the tail (last - median), and the ideal time of the bytes walked."""
+    rows = {}
+    for e in log:
+        P = e["grid"][0] * e["grid"][1]
+        r = buf[e["offset"]: e["offset"] + P * sg.TRACE_FIELDS].view(P, sg.TRACE_FIELDS).double()
+        t0, t1, t2, t3, sm, work = r.unbind(1)
+        T0 = t1.min()
+        rel1, rel3 = (t1 - T0) / 1e3, (t3 - T0) / 1e3
+        per_sm = torch.bincount(sm.long(), minlength=1)
+        m = {"entered_before_T0": (t0 < T0).double().mean().item(),
+             "wait_release_med": rel1.median().item(), "wait_release_max": rel1.max().item(),
+             "count_med": ((t2 - t1) / 1e3).median().item(), "loop_med": ((t3 - t2) / 1e3).median().item(),
+             "end_med": rel3.median().item(), "end_max": rel3.max().item(),
+             "tail": ((t3.max() - t3.median()) / 1e3).item(),
+             "work_max_over_mean": (work.max() / work.mean().clamp(min=1)).item(),
+             "programs_per_sm_max": per_sm.max().item(), "sms_used": (per_sm > 0).sum().item(),
+             "ideal_us": (work.sum() * e["BN"] * 2 / (read_tb_s * 1e6)).item()}
+        key = f"{e['kind']} K{e['K']} N{e['N']} grid {tuple(e['grid'])}"
+        rows.setdefault(key, []).append(m)
+    out = []
+    for key, ms in rows.items():
+        out.append({"gemv": key, "launches": len(ms),
+                    **{k: statistics.mean(m[k] for m in ms) for k in ms[0]}})
+    return out
+
+
+def print_trace(rows: list[dict]) -> None:
+    print(f"  {'GEMV (per-program trace, means over launches, us from the first post-wait program)':86s} "
+          "in<T0 rel_med rel_max count  loop end_med end_max  tail imbal ideal  sm/max")
+    for r in rows:
+        print(f"  {r['gemv'][:86]:86s} {r['entered_before_T0']:5.2f} {r['wait_release_med']:7.2f} "
+              f"{r['wait_release_max']:7.2f} {r['count_med']:5.2f} {r['loop_med']:5.2f} {r['end_med']:7.2f} "
+              f"{r['end_max']:7.2f} {r['tail']:5.2f} {r['work_max_over_mean']:5.2f} {r['ideal_us']:5.2f} "
+              f"{r['sms_used']:3.0f}/{r['programs_per_sm_max']:.0f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -107,6 +168,8 @@ def main(argv=None) -> None:
                          "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (sparse list GEMV), 'd.o=...' (dense GEMV: a dense "
                          "row), 'sub.o=R' (sub-lists), "
                          "'sumsq=N' (the norm's first-launch block), 'dense' (a dense row); several joined by ';'")
+    ap.add_argument("--trace", action="store_true",
+                    help="also per-program GEMV timestamps (globaltimer) of one traced step per variant")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -196,6 +259,8 @@ def main(argv=None) -> None:
         s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
                         for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, not sparse))
                                      for g in group_shape)}
+        if a.trace:  # before the configurations are restored
+            s["trace"] = trace_summary(*traced_step(gen, prompt))
         for (g, dense), cfg in saved.items():
             K, widths = group_shape[g]
             kops.set_config(K, sum(widths), 1, dense, cfg)
@@ -206,6 +271,8 @@ def main(argv=None) -> None:
         for r in s["table"][:14]:
             print(f"  {r['kernel'][:70]:70s} x{r['per_token']:3d} dur {r['mean_dur_us']:6.2f} inc "
                   f"{r['mean_inc_us']:6.2f} gap {r['mean_gap_us']:6.2f} -> {r['inc_per_token_us']:7.1f} us/token")
+        if a.trace:
+            print_trace(s["trace"])
     model_mod.LIST_SUBLISTS.update(default_sub)
     dops.NORM_MODE = default_norm
     dops.SUMSQ_BLOCK = default_sumsq

@@ -32,6 +32,8 @@ def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, num_warps: 
     """Compile `kernel` for sm_90; arguments not in `pointers` / `constexprs` are i32 (those in `divisible`
     marked divisible by 16, as Triton's launcher specialises them). Returns resource use and load kinds."""
     names = list(inspect.signature(kernel.fn).parameters)
+    if "TRACE" in names:  # the diagnostic stamps (sparse_gemv.TRACE) stay compiled out unless asked for
+        constexprs = {"TRACE": False, **constexprs}
     sig = {n: pointers.get(n, "constexpr" if n in constexprs else ("fp32" if n in ("eps", "scale") else "i32"))
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in divisible}

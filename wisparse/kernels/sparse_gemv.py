@@ -101,6 +101,26 @@ def default_config(K: int, N: int, B: int, n_sm: int = 132, dense: bool = False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# per-program timestamps, for diagnosis only (`benchmarks/timeline_h200.py --trace`)
+# ----------------------------------------------------------------------------------------------------------------
+# None (off), or {"buf": int64 CUDA tensor, "next": int, "log": list}: each GEMV launched while it is set records,
+# per program, TRACE_FIELDS int64s: globaltimer (ns) at entry, after the PDL wait, after the list counts (= after the
+# wait for dense), after the loop; the SM id; and the rows the program walks. The log gets one entry per launch.
+TRACE: dict | None = None
+TRACE_FIELDS = 6
+
+
+def _trace_args(kind: str, grid: tuple, dummy: torch.Tensor, **info) -> dict:
+    if TRACE is None:
+        return {"trace_ptr": dummy, "TRACE": False}
+    off = TRACE["next"]
+    TRACE["next"] += grid[0] * grid[1] * TRACE_FIELDS
+    assert TRACE["next"] <= TRACE["buf"].numel(), "trace buffer full"
+    TRACE["log"].append({"kind": kind, "grid": grid, "offset": off, **info})
+    return {"trace_ptr": TRACE["buf"][off:], "TRACE": True}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the kernel
 # ----------------------------------------------------------------------------------------------------------------
 if HAVE_TRITON:
@@ -114,6 +134,26 @@ if HAVE_TRITON:
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
+
+    @triton.jit
+    def _clock(dep):
+        """globaltimer (ns), read once `dep` (an int32) is available (TRACE only): the read is predicated on dep, so
+        ptxas cannot schedule it before dep's load returns."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.u32 p, $1, 2147483647; @p mov.u64 $0, %globaltimer; @!p mov.u64 $0, 0; }",
+            "=l,r", [dep], dtype=tl.int64, is_pure=False, pack=1)
+
+    @triton.jit
+    def _trace_store(trace_ptr, t0, t1, t2, t3, work):
+        """This program's TRACE record (see `TRACE`)."""
+        base = trace_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * 6
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [work], dtype=tl.int32, is_pure=False, pack=1)
+        tl.store(base, t0)
+        tl.store(base + 1, t1)
+        tl.store(base + 2, t2)
+        tl.store(base + 3, t3)
+        tl.store(base + 4, sm.to(tl.int64))
+        tl.store(base + 5, work.to(tl.int64))
 
     @triton.jit
     def _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
@@ -165,8 +205,13 @@ if HAVE_TRITON:
         KR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
         BLOCK_B: tl.constexpr, DENSE: tl.constexpr, USE_DOT: tl.constexpr, COMPACT: tl.constexpr,
         PREFETCH: tl.constexpr, PDL: tl.constexpr = False, SKIP_ROWS: tl.constexpr = True,
+        trace_ptr=None, TRACE: tl.constexpr = False,
     ):
+        if TRACE:
+            t0 = _clock(tl.program_id(0))
         _pdl_enter(PDL)
+        if TRACE:
+            t1 = _clock(tl.program_id(0))
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         # which projection this column tile belongs to, and its columns
@@ -241,6 +286,9 @@ if HAVE_TRITON:
                     acc = _tile_product(x_ptr, stride_xb, rows_b, bmask, tp, w_ptr, k, valid, cols, cmask, N, acc,
                                         BLOCK_B, BLOCK_K, USE_DOT, DENSE, BLOCK_B > 1)
 
+        if TRACE:
+            t3 = _clock(tl.sum(acc).to(tl.int32))
+            _trace_store(trace_ptr, t0, t1, t1, t3, k_hi - k_lo)
         obase = out_ptr + pid_s.to(tl.int64) * B * N
         if USE_DOT:
             tl.store(obase + rows_b[:, None] * N + cols[None, :], acc, mask=bmask[:, None] & cmask[None, :])
@@ -334,12 +382,16 @@ if HAVE_TRITON:
         idx_ptr, xv_ptr, cnt_ptr, w_ptr, out_ptr,
         K, N, NSUB, W0, W1, W2, T1, T2,
         SEG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
-        R: tl.constexpr = 1, PDL: tl.constexpr = False,
+        R: tl.constexpr = 1, PDL: tl.constexpr = False, trace_ptr=None, TRACE: tl.constexpr = False,
     ):
         """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT (SEG channels, written as R
         in (1, 2, 4) sub-lists of SEG / R channels; NSUB sub-lists per projection). Its loop runs
         ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity."""
+        if TRACE:
+            t0 = _clock(tl.program_id(0))
         _pdl_enter(PDL)
+        if TRACE:
+            t1 = _clock(tl.program_id(0))
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         p, cols, cmask = _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N, ALIGN)
@@ -350,8 +402,12 @@ if HAVE_TRITON:
             c = tl.load(cnt_ptr + p * NSUB + seg)
             i0, i1, i2, g0, g1, g2 = 0, 0, 0, 0, 0, 0
         lo, hi = _list_part(c, pid_s % SPLIT, SPLIT, BLOCK_K)
+        if TRACE:
+            t2 = _clock(hi)
         acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, i0, i1, i2, g0, g1, g2,
                          BLOCK_N, BLOCK_K, R)
+        if TRACE:
+            _trace_store(trace_ptr, t0, t1, t2, _clock(tl.sum(acc).to(tl.int32)), hi - lo)
         _store_row0(out_ptr + pid_s * N, cols, cmask, acc)
 
 
@@ -397,7 +453,8 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
         tiles[0], tiles[0] + tiles[1], n_tiles, ALIGN=_align(widths),
         KR=kr, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=chunk, BLOCK_B=block_b,
         DENSE=dense, USE_DOT=use_dot, COMPACT=cfg.compact, PREFETCH=cfg.prefetch, SKIP_ROWS=cfg.skip_rows,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
+        **_trace_args("dense" if dense else "masked", (n_tiles, splits), out, K=K, N=N, B=B, BN=cfg.block_n))
     return out
 
 
@@ -505,5 +562,6 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
     kernel[(sum(tiles), S)](
         idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
         SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
-        R=cfg.kr // sub, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl))
+        R=cfg.kr // sub, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
+        **_trace_args("list", (sum(tiles), S), out, K=K, N=N, B=1, BN=cfg.block_n))
     return out
