@@ -139,6 +139,24 @@ def trace_summary(buf: torch.Tensor, log: list[dict], read_tb_s: float = 4.45) -
     return out
 
 
+def trace_raw(buf: torch.Tensor, log: list[dict]) -> dict:
+    """The first launch of each GEMV kind, per program: [n, s, entry, past the wait, counts, loop end (us from the
+    first program past the wait), SM, rows walked]."""
+    out = {}
+    for e in log:
+        key = f"{e['kind']} K{e['K']} N{e['N']} grid {tuple(e['grid'])}"
+        if key in out:
+            continue
+        P = e["grid"][0] * e["grid"][1]
+        r = buf[e["offset"]: e["offset"] + P * sg.TRACE_FIELDS].view(P, sg.TRACE_FIELDS).double()
+        T0 = r[:, 1].min()
+        pid = torch.arange(P)
+        out[key] = [[int(pid[i] % e["grid"][0]), int(pid[i] // e["grid"][0]),
+                     *[round((r[i, j] - T0).item() / 1e3, 3) for j in range(4)], int(r[i, 4]), int(r[i, 5])]
+                    for i in range(P)]
+    return out
+
+
 def print_trace(rows: list[dict]) -> None:
     print(f"  {'GEMV (per-program trace, means over launches, us from the first post-wait program)':86s} "
           "in<T0 rel_med rel_max count  loop end_med end_max  tail imbal ideal  sm/max")
@@ -260,7 +278,9 @@ def main(argv=None) -> None:
                         for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, not sparse))
                                      for g in group_shape)}
         if a.trace:  # before the configurations are restored
-            s["trace"] = trace_summary(*traced_step(gen, prompt))
+            buf, log = traced_step(gen, prompt)
+            s["trace"] = trace_summary(buf, log)
+            s["trace_raw"] = trace_raw(buf, log)
         for (g, dense), cfg in saved.items():
             K, widths = group_shape[g]
             kops.set_config(K, sum(widths), 1, dense, cfg)
