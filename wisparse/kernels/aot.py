@@ -31,9 +31,11 @@ def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, num_warps: 
                  divisible: tuple[str, ...] = ()) -> dict:
     """Compile `kernel` for sm_90; arguments not in `pointers` / `constexprs` are i32 (those in `divisible`
     marked divisible by 16, as Triton's launcher specialises them). Returns resource use and load kinds."""
-    names = list(inspect.signature(kernel.fn).parameters)
-    if "TRACE" in names:  # the diagnostic stamps (sparse_gemv.TRACE) stay compiled out unless asked for
-        constexprs = {"TRACE": False, **constexprs}
+    params = inspect.signature(kernel.fn).parameters
+    names = list(params)
+    # constexpr parameters left out take their defaults (else they would be typed i32 runtime arguments)
+    constexprs = {**{n: p.default for n, p in params.items() if "constexpr" in str(p.annotation)
+                     and p.default is not inspect.Parameter.empty}, **constexprs}
     sig = {n: pointers.get(n, "constexpr" if n in constexprs else ("fp32" if n in ("eps", "scale") else "i32"))
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in divisible}
@@ -73,9 +75,9 @@ def _list_variants():
 
 
 def _cfg(c):
-    from ..engine.bench import _cfg as bench_cfg
+    from .ops import config_from_list
 
-    return bench_cfg(c)
+    return config_from_list(list(c))
 
 
 def _old_variants():
