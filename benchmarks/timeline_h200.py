@@ -186,8 +186,6 @@ def main(argv=None) -> None:
                          "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (sparse list GEMV), 'd.o=...' (dense GEMV: a dense "
                          "row), 'sub.o=R' (sub-lists), "
                          "'sumsq=N' (the norm's first-launch block), 'dense' (a dense row); several joined by ';'")
-    ap.add_argument("--masked-walk", action="store_true",
-                    help="also the sparse step with the list walk's loads masked instead of clamped (LIST_CLAMP)")
     ap.add_argument("--trace", action="store_true",
                     help="also per-program GEMV timestamps (globaltimer) of one traced step per variant")
     ap.add_argument("--out", required=True)
@@ -212,8 +210,6 @@ def main(argv=None) -> None:
     variants = [("dense", False, None, None, {}, None), (f"uniform {a.level:.2f}", True, None, None, {}, None)]
     if a.whole_lists:
         variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole, None, {}, None))
-    if a.masked_walk:  # sg.LIST_CLAMP off for this row (see the loop below)
-        variants.append((f"uniform {a.level:.2f}, masked walk", True, None, None, {}, None))
     for spec in filter(None, a.sublists.split(";")):  # e.g. "qkv=2,gu=2,down=4,o=4"
         sub = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
         variants.append((f"uniform {a.level:.2f}, sub-lists {spec}", True, {**default_sub, **sub}, None, {}, None))
@@ -242,9 +238,7 @@ def main(argv=None) -> None:
     th = None
     first_logits = {}
     default_sumsq = dops.SUMSQ_BLOCK
-    default_clamp = sg.LIST_CLAMP
     for label, sparse, sub, norm, over, sumsq in variants:
-        sg.LIST_CLAMP = default_clamp and not label.endswith("masked walk")
         if sparse and th is None:
             th = calibrate(dec, uniform_levels(dec, a.level))
             dec.set_thresholds(th)
@@ -300,7 +294,6 @@ def main(argv=None) -> None:
         if a.trace:
             print_trace(s["trace"])
     model_mod.LIST_SUBLISTS.update(default_sub)
-    sg.LIST_CLAMP = default_clamp
     dops.NORM_MODE = default_norm
     dops.SUMSQ_BLOCK = default_sumsq
     dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]

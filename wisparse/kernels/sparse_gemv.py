@@ -108,9 +108,6 @@ def default_config(K: int, N: int, B: int, n_sm: int = 132, dense: bool = False)
 # wait for dense), after the loop; the SM id; and the rows the program walks. The log gets one entry per launch.
 TRACE: dict | None = None
 TRACE_FIELDS = 6
-# the list walk's loads past a program's last entry: clamped to that entry and multiplied by 0 (True, no load masks)
-# or masked (False); kept switchable for the side-by-side timeline (`timeline_h200.py --masked-walk`)
-LIST_CLAMP = True
 
 
 def _trace_args(kind: str, grid: tuple, dummy: torch.Tensor, **info) -> dict:
@@ -351,8 +348,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _list_walk(idx_ptr, xv_ptr, lbase, lo, hi, w_ptr, N, cols, cmask, i0, i1, i2, g0, g1, g2,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr, EVEN_N: tl.constexpr = False,
-                   CLAMP: tl.constexpr = True):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
         """Sum over list entries [lo, hi) at lbase of xv * W[idx, cols], as row 0 of a [16, BLOCK_N] fp32 tile (the
         tensor-core dot's minimum height; the other rows are zeros). The index, value and weight-row loads do not
         depend on earlier iterations, so Triton pipelines them num_stages deep.
@@ -364,26 +360,14 @@ if HAVE_TRITON:
         for i in range(lo, hi, BLOCK_K):
             j = i + jj
             valid = j < hi
-            if CLAMP:
-                # positions past the end read the last entry again (an L2 hit) and multiply it by 0: no masks on
-                # the index and weight loads, whose predicates were half the loop's instructions (SASS, session 8)
-                j = tl.minimum(j, hi - 1)
             slot = j
             if R > 1:
                 slot += tl.where(j >= i0, g0, 0)
             if R > 2:
                 slot += tl.where(j >= i1, g1, 0) + tl.where(j >= i2, g2, 0)
-            if CLAMP:
-                k = tl.load(idx_ptr + lbase + slot)
-                xv = tl.where(valid, tl.load(xv_ptr + lbase + slot), 0.0)
-                if EVEN_N:
-                    w = tl.load(w_ptr + k[:, None] * N + cols[None, :])
-                else:
-                    w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=cmask[None, :], other=0.0)
-            else:
-                k = tl.load(idx_ptr + lbase + slot, mask=valid, other=0)
-                xv = tl.load(xv_ptr + lbase + slot, mask=valid, other=0.0)
-                w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
+            k = tl.load(idx_ptr + lbase + slot, mask=valid, other=0)
+            xv = tl.load(xv_ptr + lbase + slot, mask=valid, other=0.0)
+            w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
             acc += tl.dot(tl.where(first, xv[None, :], 0.0).to(w.dtype), w)
         return acc
 
@@ -399,7 +383,6 @@ if HAVE_TRITON:
         K, N, NSUB, W0, W1, W2, T1, T2,
         SEG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
         R: tl.constexpr = 1, PDL: tl.constexpr = False, trace_ptr=None, TRACE: tl.constexpr = False,
-        EVEN_N: tl.constexpr = False, CLAMP: tl.constexpr = True,
     ):
         """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT (SEG channels, written as R
         in (1, 2, 4) sub-lists of SEG / R channels; NSUB sub-lists per projection). Its loop runs
@@ -422,7 +405,7 @@ if HAVE_TRITON:
         if TRACE:
             t2 = _clock(hi)
         acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, i0, i1, i2, g0, g1, g2,
-                         BLOCK_N, BLOCK_K, R, EVEN_N, CLAMP)
+                         BLOCK_N, BLOCK_K, R)
         if TRACE:
             _trace_store(trace_ptr, t0, t1, t2, _clock(tl.sum(acc).to(tl.int32)), hi - lo)
         _store_row0(out_ptr + pid_s * N, cols, cmask, acc)
@@ -579,7 +562,6 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
     kernel[(sum(tiles), S)](
         idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
         SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
-        R=cfg.kr // sub, EVEN_N=all(x % cfg.block_n == 0 for x in widths), CLAMP=LIST_CLAMP,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
+        R=cfg.kr // sub, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
         **_trace_args("list", (sum(tiles), S), out, K=K, N=N, B=1, BN=cfg.block_n))
     return out
