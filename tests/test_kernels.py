@@ -519,3 +519,59 @@ def test_shipped_tuned_table_installs_without_overriding():
     finally:
         kops._CONFIGS.clear()
         kops._CONFIGS.update(saved)
+
+
+def test_trace_bookkeeping_gives_each_launch_its_own_records():
+    """`sparse_gemv.TRACE` (diagnosis only): off, the launch arguments compile the stamps out; on, each launch gets
+    its own slice of the buffer and a log entry, and a full buffer is an error, not an overwrite."""
+    from wisparse.kernels import sparse_gemv as sg
+
+    dummy = torch.zeros(1)
+    assert sg._trace_args("list", (4, 2), dummy) == {"trace_ptr": dummy, "TRACE": False}
+    sg.TRACE = {"buf": torch.zeros(100, dtype=torch.int64), "next": 0, "log": []}
+    try:
+        a = sg._trace_args("list", (4, 2), dummy, K=8)
+        b = sg._trace_args("dense", (2, 2), dummy)
+        assert a["TRACE"] and b["TRACE"]
+        assert a["trace_ptr"].data_ptr() == sg.TRACE["buf"].data_ptr()
+        assert b["trace_ptr"].data_ptr() == sg.TRACE["buf"][8 * sg.TRACE_FIELDS:].data_ptr()
+        assert [e["offset"] for e in sg.TRACE["log"]] == [0, 8 * sg.TRACE_FIELDS] and sg.TRACE["log"][0]["K"] == 8
+        with pytest.raises(RuntimeError, match="TRACE buffer full"):
+            sg._trace_args("list", (10, 1), dummy)
+        assert len(sg.TRACE["log"]) == 2
+    finally:
+        sg.TRACE = None
+
+
+def test_sass_loop_counter_finds_the_longest_backward_branch():
+    from wisparse.kernels.aot import loop_instructions
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/              @P0  HMMA.16816.F32.BF16 R8, R4, R6, R8 ;
+        /*0030*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0040*/              @!P1 BRA 0x30 ;
+        /*0050*/              @!P1 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+    """
+    loop = loop_instructions(sass)
+    assert loop["instructions"] == 5
+    assert loop["ops"] == {"BRA": 2, "LDG": 1, "HMMA": 1, "IADD3": 1}
+
+
+@pytest.mark.skipif(not _has_triton(), reason="triton not installed")
+def test_aot_builds_the_list_gemv_for_sm90_without_a_gpu():
+    """`python -m wisparse.kernels.aot` (resource use and SASS of the kernels, compiled for sm_90 on this machine)
+    was broken by a rename in session 7 that no test saw. One list-GEMV build: registers, no spills, a software
+    pipeline (cp.async), a main loop with tensor-core MMAs; constexprs left out take their defaults (TRACE off)."""
+    from wisparse.kernels import aot
+    from wisparse.kernels import sparse_gemv as sg
+
+    ptr = {"idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32"}
+    r = aot.compile_sm90(sg._gemv_list_kernel, ptr, dict(SEG=1024, SPLIT=1, BLOCK_N=64, BLOCK_K=64, ALIGN=8, R=2),
+                         4, 5, divisible=("K", "N"))
+    assert r["regs"] > 0 and r["local"] == 0 and r["cp_async"] > 0
+    assert r["loop"]["instructions"] > 0 and r["loop"]["ops"].get("HMMA", 0) > 0
+    label, kern, _, const, _, _ = next(aot._list_variants())  # the sweep's configurations parse
+    assert kern is sg._gemv_list_kernel and const["SEG"] >= 128 and label.startswith("gemv_list")

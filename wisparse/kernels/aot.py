@@ -3,6 +3,7 @@
     python -m wisparse.kernels.aot            # every configuration the benchmark sweeps, and the decode kernels
     python -m wisparse.kernels.aot --v4       # only the version-4 step's kernels (fused attention, PDL builds)
     python -m wisparse.kernels.aot --v5       # only the version-5 step's persistent MLP kernel
+    python -m wisparse.kernels.aot --loop     # main-loop SASS instructions per KB: list GEMV against dense
 
 For each compiled variant it prints registers per thread, spills (local memory / stack bytes), shared memory, and
 how the weight loads were compiled: `cp.async` (Triton's software pipeline: loads of later iterations in flight
@@ -43,16 +44,64 @@ def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, num_warps: 
                     attrs=attrs)
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(
         num_warps=num_warps, num_stages=num_stages, launch_pdl=bool(constexprs.get("PDL", False))))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(c.asm["cubin"])
-        f.flush()
-        res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
+    res = _cuobjdump(c.asm["cubin"], "-res-usage")
     use = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", res))
     ptx = c.asm["ptx"]
     return {"regs": int(use.get("REG", -1)), "stack": int(use.get("STACK", -1)), "local": int(use.get("LOCAL", -1)),
             "smem": c.metadata.shared, "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-            "ld_global": len(re.findall(r"ld\.global", ptx)), "ld_b16": len(re.findall(r"ld\.global[.a-z]*\.b16", ptx))}
+            "ld_global": len(re.findall(r"ld\.global", ptx)), "ld_b16": len(re.findall(r"ld\.global[.a-z]*\.b16", ptx)),
+            "loop": loop_instructions(_cuobjdump(c.asm["cubin"], "-sass"))}
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([os.path.join(_BIN, "cuobjdump"), flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def loop_instructions(sass: str) -> dict:
+    """The main loop of a SASS listing: the longest backward branch's body. Returns its instruction count (per warp
+    per iteration) and the count of each opcode (predicates and modifiers dropped)."""
+    lines = re.findall(r"/\*([0-9a-f]{4,6})\*/\s+(.*?)\s*;", sass)
+    body = (0, -1)
+    for addr, ins in lines:
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < int(addr, 16) and int(addr, 16) - int(m.group(1), 16) > body[1] - body[0]:
+            body = (int(m.group(1), 16), int(addr, 16))
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for addr, ins in lines
+           if body[0] <= int(addr, 16) <= body[1]]
+    counts: dict = {}
+    for op in ops:
+        counts[op] = counts.get(op, 0) + 1
+    return {"instructions": len(ops), "ops": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
+
+
+def loop_report() -> list[dict]:
+    """Main-loop instructions per KB of weights read, for the batch-1 list GEMV and the dense GEMV in the shipped
+    sm_90 configurations (the table in NOTES_gpu, session 8): instructions per warp per iteration x warps / KB per
+    iteration."""
+    lst = {"idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32"}
+    dense = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*i32"}
+    rows = []
+    for label, kern, ptr, const, nw, ns in (
+            ("list gate/up bn128 bk32 st8, 2 sub-lists", sg._gemv_list_kernel, lst,
+             dict(SEG=1024, SPLIT=1, BLOCK_N=128, BLOCK_K=32, ALIGN=8, R=2, PDL=True), 4, 8),
+            ("list down bn128 bk32 st8, 4 sub-lists", sg._gemv_list_kernel, lst,
+             dict(SEG=2048, SPLIT=1, BLOCK_N=128, BLOCK_K=32, ALIGN=8, R=4, PDL=True), 4, 8),
+            ("list q/k/v, o bn64 bk64 st5, 2 sub-lists", sg._gemv_list_kernel, lst,
+             dict(SEG=1024, SPLIT=1, BLOCK_N=64, BLOCK_K=64, ALIGN=8, R=2, PDL=True), 4, 5),
+            ("dense gate/up bn128 bk64 st3", sg._sparse_gemv_kernel, dense,
+             dict(ALIGN=8, KR=512, BLOCK_N=128, BLOCK_K=64, CHUNK=512, BLOCK_B=16, DENSE=True, USE_DOT=True,
+                  COMPACT=False, PREFETCH=False, PDL=True), 4, 3)):
+        r = compile_sm90(kern, ptr, const, nw, ns, divisible=("K", "N"))
+        kb = const["BLOCK_N"] * const["BLOCK_K"] * 2 / 1024
+        rows.append({"label": label, "regs": r["regs"], "loop_instructions": r["loop"]["instructions"],
+                     "per_kb": r["loop"]["instructions"] * nw / kb, "top_ops": list(r["loop"]["ops"].items())[:6]})
+        print(f"{label:44s} regs {r['regs']:3d}  loop {r['loop']['instructions']:4d} instr/warp/iter  "
+              f"{rows[-1]['per_kb']:5.1f} warp-instr per KB  {rows[-1]['top_ops']}", flush=True)
+    return rows
 
 
 def _list_variants():
@@ -220,4 +269,7 @@ def main(v4_only: bool = False, v5_only: bool = False) -> list[dict]:
 if __name__ == "__main__":
     import sys
 
-    main(v4_only="--v4" in sys.argv[1:], v5_only="--v5" in sys.argv[1:])
+    if "--loop" in sys.argv[1:]:
+        loop_report()
+    else:
+        main(v4_only="--v4" in sys.argv[1:], v5_only="--v5" in sys.argv[1:])

@@ -114,8 +114,10 @@ def _trace_args(kind: str, grid: tuple, dummy: torch.Tensor, **info) -> dict:
     if TRACE is None:
         return {"trace_ptr": dummy, "TRACE": False}
     off = TRACE["next"]
-    TRACE["next"] += grid[0] * grid[1] * TRACE_FIELDS
-    assert TRACE["next"] <= TRACE["buf"].numel(), "trace buffer full"
+    if off + grid[0] * grid[1] * TRACE_FIELDS > TRACE["buf"].numel():
+        raise RuntimeError(f"TRACE buffer full: {TRACE['buf'].numel()} int64s, this launch needs "
+                           f"{grid[0] * grid[1] * TRACE_FIELDS} more after {off}")
+    TRACE["next"] = off + grid[0] * grid[1] * TRACE_FIELDS
     TRACE["log"].append({"kind": kind, "grid": grid, "offset": off, **info})
     return {"trace_ptr": TRACE["buf"][off:], "TRACE": True}
 
