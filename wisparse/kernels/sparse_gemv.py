@@ -146,6 +146,18 @@ if HAVE_TRITON:
             "=l,r", [dep], dtype=tl.int64, is_pure=False, pack=1)
 
     @triton.jit
+    def _enter_traced(PDL: tl.constexpr, TRACE: tl.constexpr):
+        """`_pdl_enter`, with the TRACE stamps at entry and after the wait (0, 0 when TRACE is off)."""
+        t0 = 0
+        t1 = 0
+        if TRACE:
+            t0 = _clock(tl.program_id(0))
+        _pdl_enter(PDL)
+        if TRACE:
+            t1 = _clock(tl.program_id(0))
+        return t0, t1
+
+    @triton.jit
     def _trace_store(trace_ptr, t0, t1, t2, t3, work):
         """This program's TRACE record (see `TRACE`)."""
         base = trace_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * 6
@@ -209,11 +221,7 @@ if HAVE_TRITON:
         PREFETCH: tl.constexpr, PDL: tl.constexpr = False, SKIP_ROWS: tl.constexpr = True,
         trace_ptr=None, TRACE: tl.constexpr = False,
     ):
-        if TRACE:
-            t0 = _clock(tl.program_id(0))
-        _pdl_enter(PDL)
-        if TRACE:
-            t1 = _clock(tl.program_id(0))
+        t0, t1 = _enter_traced(PDL, TRACE)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         # which projection this column tile belongs to, and its columns
@@ -389,11 +397,7 @@ if HAVE_TRITON:
         """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT (SEG channels, written as R
         in (1, 2, 4) sub-lists of SEG / R channels; NSUB sub-lists per projection). Its loop runs
         ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity."""
-        if TRACE:
-            t0 = _clock(tl.program_id(0))
-        _pdl_enter(PDL)
-        if TRACE:
-            t1 = _clock(tl.program_id(0))
+        t0, t1 = _enter_traced(PDL, TRACE)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         p, cols, cmask = _tile_cols(pid_n, T1, T2, W0, W1, W2, BLOCK_N, ALIGN)
