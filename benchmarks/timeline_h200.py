@@ -186,8 +186,6 @@ def main(argv=None) -> None:
                          "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (sparse list GEMV), 'd.o=...' (dense GEMV: a dense "
                          "row), 'sub.o=R' (sub-lists), "
                          "'sumsq=N' (the norm's first-launch block), 'dense' (a dense row); several joined by ';'")
-    ap.add_argument("--late-trigger", action="store_true",
-                    help="also dense and sparse with the GEMVs' launching kernels triggering PDL at their end")
     ap.add_argument("--trace", action="store_true",
                     help="also per-program GEMV timestamps (globaltimer) of one traced step per variant")
     ap.add_argument("--out", required=True)
@@ -212,9 +210,6 @@ def main(argv=None) -> None:
     variants = [("dense", False, None, None, {}, None), (f"uniform {a.level:.2f}", True, None, None, {}, None)]
     if a.whole_lists:
         variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole, None, {}, None))
-    if a.late_trigger:  # dops.LATE_TRIGGER on for these rows (see the loop below)
-        variants += [("dense, late trigger", False, None, None, {}, None),
-                     (f"uniform {a.level:.2f}, late trigger", True, None, None, {}, None)]
     for spec in filter(None, a.sublists.split(";")):  # e.g. "qkv=2,gu=2,down=4,o=4"
         sub = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
         variants.append((f"uniform {a.level:.2f}, sub-lists {spec}", True, {**default_sub, **sub}, None, {}, None))
@@ -244,7 +239,6 @@ def main(argv=None) -> None:
     first_logits = {}
     default_sumsq = dops.SUMSQ_BLOCK
     for label, sparse, sub, norm, over, sumsq in variants:
-        dops.LATE_TRIGGER = label.endswith("late trigger")
         if sparse and th is None:
             th = calibrate(dec, uniform_levels(dec, a.level))
             dec.set_thresholds(th)
@@ -300,7 +294,6 @@ def main(argv=None) -> None:
         if a.trace:
             print_trace(s["trace"])
     model_mod.LIST_SUBLISTS.update(default_sub)
-    dops.LATE_TRIGGER = False
     dops.NORM_MODE = default_norm
     dops.SUMSQ_BLOCK = default_sumsq
     dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]

@@ -31,7 +31,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .sparse_gemv import _pdl_enter, _pdl_exit, _store_list
+    from .sparse_gemv import _pdl_enter, _store_list
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -154,11 +154,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _norm_lists_kernel(h_ptr, ss_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NB, NSEG, eps,
-                           NB_P2: tl.constexpr, SEG: tl.constexpr, P_LIST: tl.constexpr, PDL: tl.constexpr = False,
-                           LATE: tl.constexpr = False):
+                           NB_P2: tl.constexpr, SEG: tl.constexpr, P_LIST: tl.constexpr, PDL: tl.constexpr = False):
         """Split norm, launch 2 of 2. Program (b, s, p): rstd of row b from its NB slice sums; segment s of
         y = w * round(h * rstd) -> out (p == 0), and (P_LIST > 0, batch 1) list p's segment s."""
-        _pdl_enter(PDL, LATE)
+        _pdl_enter(PDL)
         b = tl.program_id(0)
         s = tl.program_id(1)
         p = tl.program_id(2)
@@ -172,7 +171,6 @@ if HAVE_TRITON:
         tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
         if P_LIST > 0:
             _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
-        _pdl_exit(PDL, LATE)
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
@@ -269,8 +267,8 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, HKV, NSP,
                              G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
-                             PDL: tl.constexpr = False, LATE: tl.constexpr = False):
-        _pdl_enter(PDL, LATE)
+                             PDL: tl.constexpr = False):
+        _pdl_enter(PDL)
         bh = tl.program_id(0)
         gi = tl.program_id(1)
         b = bh // HKV
@@ -288,14 +286,12 @@ if HAVE_TRITON:
         den = tl.sum(l * wgt, axis=0)
         out = num / den
         tl.store(o_ptr + (b * H + hk * G + gi) * D + d, out.to(o_ptr.dtype.element_ty))
-        _pdl_exit(PDL, LATE)
 
     @triton.jit
     def _silu_mul_kernel(p_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, I, NSEG, S: tl.constexpr,
-                         BLOCK: tl.constexpr, LIST: tl.constexpr, PDL: tl.constexpr = False,
-                         LATE: tl.constexpr = False):
+                         BLOCK: tl.constexpr, LIST: tl.constexpr, PDL: tl.constexpr = False):
         """Program (b, j): channels [j*BLOCK, (j+1)*BLOCK) of row b; with LIST (batch 1) also list segment j."""
-        _pdl_enter(PDL, LATE)
+        _pdl_enter(PDL)
         b = tl.program_id(0)
         seg = tl.program_id(1) + tl.arange(0, 1)
         offs = seg[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
@@ -316,7 +312,6 @@ if HAVE_TRITON:
             t = tl.load(t_ptr + offs, mask=m, other=float("inf"))
             keep = tl.abs(y.to(tl.float32)) > t
             _store_list(y, keep, offs, seg, seg < NSEG, 0, 0, idx_ptr, xv_ptr, cnt_ptr, BLOCK)
-        _pdl_exit(PDL, LATE)
 
 
     # ------------------------------------------------------------------------------------------------------------
@@ -386,13 +381,13 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_combine_list_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, H, NSP, NSEG,
                                   G: tl.constexpr, BLOCK_G: tl.constexpr, NH: tl.constexpr, D: tl.constexpr,
-                                  BLOCK_S: tl.constexpr, PDL: tl.constexpr = False, LATE: tl.constexpr = False):
+                                  BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
         """Batch 1. Program s: query heads [s*NH, (s+1)*NH), i.e. o channels [s*NH*D, (s+1)*NH*D) = list segment s
         of o's input: combines the splits, writes o and the segment's survivor list (thresholds t [1, H*D]).
         Every split's m, l and acc are loaded at once ([BLOCK_S, NH(, D)] tiles): a loop over the splits made two
         dependent L2 round trips per split (5.0 us per layer in the decode timeline of run 11, against 1.1 us for
         the combine without lists)."""
-        _pdl_enter(PDL, LATE)
+        _pdl_enter(PDL)
         s = tl.program_id(0)
         hq = s * NH + tl.arange(0, NH)
         hm = hq < H
@@ -415,7 +410,6 @@ if HAVE_TRITON:
         t = tl.load(t_ptr + of, mask=of < H * D, other=float("inf"))
         keep = tl.abs(yf.to(tl.float32)) > t
         _store_list(yf, keep, of, seg, seg < NSEG, 0, 0, idx_ptr, xv_ptr, cnt_ptr, NH * D)
-        _pdl_exit(PDL, LATE)
 
     @triton.jit
     def _sum_partials_kernel(p_ptr, out_ptr, M, S: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
@@ -473,9 +467,6 @@ if HAVE_TRITON:
 # "row" = the version-3 kernel, one program per row (kept for the benchmark's side-by-side rows).
 NORM_MODE = "split"
 SUMSQ_BLOCK = 256  # channels per program of the split norm's first launch (D = 4096: 16 programs)
-# experimental, off: the kernels that launch a GEMV under PDL (the norm's second launch, the attention combine,
-# SiLU*mul) trigger it at their end instead of their start (`sparse_gemv._pdl_exit`; timeline --late-trigger)
-LATE_TRIGGER = False
 
 
 def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor, eps: float,
@@ -506,8 +497,7 @@ def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor,
                                    num_warps=2, **pdl_kwargs(pdl))
         _norm_lists_kernel[(B, nseg, max(P, 1))](h, ss, w, out, t, idx, xv, cnt, B, D, nb, nseg, eps,
                                                  NB_P2=_np2(nb), SEG=seg, P_LIST=P,
-                                                 num_warps=4 if seg <= 1024 else 8, **pdl_kwargs(pdl),
-                                                 LATE=pdl and LATE_TRIGGER)
+                                                 num_warps=4 if seg <= 1024 else 8, **pdl_kwargs(pdl))
         return out
     seg = lists[1] if lists is not None else _np2(D)
     ns = _np2(math.ceil(D / seg))
@@ -575,8 +565,7 @@ def silu_mul(partials: torch.Tensor, I: int, dtype: torch.dtype, lists: tuple | 
     assert lists is None or (B == 1 and t.shape == (1, I) and cnt.shape == (1, math.ceil(I / BLOCK)))
     _silu_mul_kernel[(B, math.ceil(I / BLOCK))](partials, out, t, idx, xv, cnt, B, I, math.ceil(I / BLOCK), S=S,
                                                 BLOCK=BLOCK, LIST=lists is not None,
-                                                num_warps=4 if BLOCK <= 1024 else 8, **pdl_kwargs(pdl),
-                                                LATE=pdl and LATE_TRIGGER)
+                                                num_warps=4 if BLOCK <= 1024 else 8, **pdl_kwargs(pdl))
     return out
 
 
@@ -610,15 +599,13 @@ def attention_fused(partials: torch.Tensor, bias: torch.Tensor | None, cos: torc
     o = torch.empty((B, H * D), device=partials.device, dtype=k_cache.dtype)
     if lists is None:
         _attn_combine_kernel[(B * Hkv, G)](m, lsum, acc, o, H, Hkv, nsp, G=G, BLOCK_G=BG,
-                                           BLOCK_S=max(2, _np2(nsp)), D=D, num_warps=4, **kw,
-                                           LATE=pdl and LATE_TRIGGER)
+                                           BLOCK_S=max(2, _np2(nsp)), D=D, num_warps=4, **kw)
         return o
     t, seg, (idx, xv, cnt) = lists[0], lists[1], lists[2]
     assert B == 1 and seg % D == 0 and t.shape == (1, H * D) and cnt.shape == (1, math.ceil(H * D / seg))
     _attn_combine_list_kernel[(cnt.shape[1],)](m, lsum, acc, o, t, idx, xv, cnt, H, nsp, cnt.shape[1], G=G,
                                                BLOCK_G=BG, NH=seg // D, D=D, BLOCK_S=max(2, _np2(nsp)),
-                                               num_warps=4 if seg <= 1024 else 8, **kw,
-                                               LATE=pdl and LATE_TRIGGER)
+                                               num_warps=4 if seg <= 1024 else 8, **kw)
     return o
 
 

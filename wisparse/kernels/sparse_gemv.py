@@ -129,22 +129,12 @@ if HAVE_TRITON:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
-    def _pdl_enter(PDL: tl.constexpr, LATE: tl.constexpr = False):
+    def _pdl_enter(PDL: tl.constexpr):
         """Programmatic dependent launch (version-4 step, launched with `launch_pdl=True`): wait for the previous
         grid to finish and flush before touching memory (no races on reused buffers), then let the next grid launch
-        and make its CTAs resident while this one runs. First statement of every kernel that takes PDL.
-        LATE (experimental, `decode_ops.LATE_TRIGGER`): the trigger waits for `_pdl_exit`, at the kernel's end."""
+        and make its CTAs resident while this one runs. First statement of every kernel that takes PDL."""
         if PDL:
             gdc_wait()
-            if not LATE:
-                gdc_launch_dependents()
-
-    @triton.jit
-    def _pdl_exit(PDL: tl.constexpr, LATE: tl.constexpr):
-        """The trigger `_pdl_enter(PDL, LATE=True)` held back: the next grid launches once this kernel's work is
-        done, so its CTAs can be placed on the SMs this kernel occupied (run 31: a GEMV launched early never uses
-        them)."""
-        if PDL and LATE:
             gdc_launch_dependents()
 
     @triton.jit
