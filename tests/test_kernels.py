@@ -575,3 +575,15 @@ def test_aot_builds_the_list_gemv_for_sm90_without_a_gpu():
     assert r["loop"]["instructions"] > 0 and r["loop"]["ops"].get("HMMA", 0) > 0
     label, kern, _, const, _, _ = next(aot._list_variants())  # the sweep's configurations parse
     assert kern is sg._gemv_list_kernel and const["SEG"] >= 128 and label.startswith("gemv_list")
+
+
+def test_trace_record_width_matches_the_kernels():
+    """`_trace_store` writes TRACE_FIELDS int64s per program (a literal in the kernel: Triton reads no host global)."""
+    import inspect
+
+    from wisparse.kernels import sparse_gemv as sg
+
+    if not sg.HAVE_TRITON:
+        pytest.skip("triton not installed")
+    body = inspect.getsource(sg._trace_store.fn)
+    assert f"* {sg.TRACE_FIELDS}" in body and f"base + {sg.TRACE_FIELDS - 1}" in body

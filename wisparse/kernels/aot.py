@@ -26,6 +26,9 @@ from . import decode_ops as dops
 from . import sparse_gemv as sg
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# pointer types of the batch-1 list GEMV and of the static-address GEMV (bf16 weights)
+LIST_PTRS = {"idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32"}
+GEMV_PTRS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*i32"}
 
 
 def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int, num_stages: int,
@@ -82,8 +85,7 @@ def loop_report() -> list[dict]:
     """Main-loop instructions per KB of weights read, for the batch-1 list GEMV and the dense GEMV in the shipped
     sm_90 configurations (the table in NOTES_gpu, session 8): instructions per warp per iteration x warps / KB per
     iteration."""
-    lst = {"idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32"}
-    dense = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*i32"}
+    lst, dense = LIST_PTRS, GEMV_PTRS
     rows = []
     for label, kern, ptr, const, nw, ns in (
             ("list gate/up bn128 bk32 st8, 2 sub-lists", sg._gemv_list_kernel, lst,
@@ -108,7 +110,7 @@ def _list_variants():
     """(label, kernel, pointers, constexprs, warps, stages) of every listed-mode configuration the sweep runs."""
     from ..engine.bench import SWEEP_LIST
 
-    ptr = {"idx_ptr": "*i32", "xv_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32"}
+    ptr = LIST_PTRS
     seen = set()
     for c in SWEEP_LIST:
         cfg = _cfg(c)
@@ -132,7 +134,7 @@ def _cfg(c):
 def _old_variants():
     from ..engine.bench import SWEEP_BATCH, SWEEP_DENSE, SWEEP_SPARSE
 
-    ptr = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*i32"}
+    ptr = GEMV_PTRS
     seen = set()
     for group, dense, bb in ((SWEEP_SPARSE, False, 16), (SWEEP_DENSE, True, 16), (SWEEP_BATCH, False, 16)):
         for c in group:
@@ -155,7 +157,7 @@ def _old_variants():
 
 def _test_variants():
     """What the GPU tests also launch: the FMA path, and unaligned widths (ALIGN 1: scalar loads, not pipelined)."""
-    ptr = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*i32"}
+    ptr = GEMV_PTRS
     for compact, align in ((True, 8), (True, 1), (False, 1)):
         yield (f"gemv FMA {'compact' if compact else 'masked'} bn=128 kr=512 bk=32 align={align}",
                sg._sparse_gemv_kernel, ptr,
@@ -225,7 +227,7 @@ def _v4_variants():
         if "lists=0" in label or "list=False" in label:
             continue
         yield ("v4 " + label + " PDL", kern, ptr, {**const, "PDL": True}, nw, ns)
-    dense = {"x_ptr": "*bf16", "w_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*i32"}
+    dense = GEMV_PTRS
     yield ("v4 gemv dense bn=128 kr=1024 bk=64 w=4 st=3 PDL", sg._sparse_gemv_kernel, dense,
            dict(ALIGN=8, KR=1024, BLOCK_N=128, BLOCK_K=64, CHUNK=1024, BLOCK_B=16, DENSE=True, USE_DOT=True,
                 COMPACT=False, PREFETCH=False, PDL=True), 4, 3)

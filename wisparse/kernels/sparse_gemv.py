@@ -159,7 +159,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _trace_store(trace_ptr, t0, t1, t2, t3, work):
-        """This program's TRACE record (see `TRACE`)."""
+        """This program's TRACE record (see `TRACE`): 6 int64s, TRACE_FIELDS (checked by the TRACE test)."""
         base = trace_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * 6
         sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [work], dtype=tl.int32, is_pure=False, pack=1)
         tl.store(base, t0)
