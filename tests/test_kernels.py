@@ -249,11 +249,13 @@ INTERP = textwrap.dedent("""
         h, pp, w = torch.randn(B, D), torch.randn(3, B, D) if has_p else None, torch.randn(D)
         t = torch.rand(max(P, 1), D) * 0.8
         res = []
-        for mode in ("row", "split"):
+        for mode, programs in (("row", 0), ("split", 0), ("split", 2)):  # 2: several segments and lists each
+            ops.NORM_LIST_PROGRAMS = programs
             hh = h.clone()
             bufs = list_buffers(P, D, seg, "cpu") if P else None
             y = ops.add_rmsnorm(hh, pp, w, 1e-5, lists=(t, seg, bufs) if P else None, mode=mode)
             res.append((hh, y, bufs))
+        ops.NORM_LIST_PROGRAMS = 0
         for r in res[1:]:
             e += [(r[0] - res[0][0]).abs().max().item(), (r[1] - res[0][1]).abs().max().item()]
             if P:

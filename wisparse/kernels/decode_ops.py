@@ -154,23 +154,35 @@ if HAVE_TRITON:
 
     @triton.jit
     def _norm_lists_kernel(h_ptr, ss_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NB, NSEG, eps,
-                           NB_P2: tl.constexpr, SEG: tl.constexpr, P_LIST: tl.constexpr, PDL: tl.constexpr = False):
-        """Split norm, launch 2 of 2. Program (b, s, p): rstd of row b from its NB slice sums; segment s of
-        y = w * round(h * rstd) -> out (p == 0), and (P_LIST > 0, batch 1) list p's segment s."""
+                           NB_P2: tl.constexpr, SEG: tl.constexpr, P_LIST: tl.constexpr, SPP: tl.constexpr = 0,
+                           PDL: tl.constexpr = False):
+        """Split norm, launch 2 of 2. rstd of row b from its NB slice sums; y = w * round(h * rstd) -> out, and
+        (P_LIST > 0, batch 1) the survivor lists of y.
+        SPP == 0: program (b, s, p) does segment s, list p (out from p == 0).
+        SPP > 0: program (b, s) does segments [s*SPP, (s+1)*SPP) and every list (fewer programs, see
+        `NORM_LIST_PROGRAMS`)."""
         _pdl_enter(PDL)
         b = tl.program_id(0)
         s = tl.program_id(1)
-        p = tl.program_id(2)
         jb = tl.arange(0, NB_P2)
         ss = tl.load(ss_ptr + b * NB + jb, mask=jb < NB, other=0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
-        seg = s + tl.arange(0, 1)
+        if SPP == 0:
+            p = tl.program_id(2)
+            seg = s + tl.arange(0, 1)
+        else:
+            p = 0
+            seg = s * SPP + tl.arange(0, SPP)
         offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
         m = offs < D
         y = _norm_scale(tl.load(h_ptr + b * D + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
         tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
-        if P_LIST > 0:
-            _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
+        if SPP == 0:
+            if P_LIST > 0:
+                _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
+        else:
+            for q in tl.static_range(P_LIST):
+                _list_for(y, q, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
@@ -467,6 +479,11 @@ if HAVE_TRITON:
 # "row" = the version-3 kernel, one program per row (kept for the benchmark's side-by-side rows).
 NORM_MODE = "split"
 SUMSQ_BLOCK = 256  # channels per program of the split norm's first launch (D = 4096: 16 programs)
+# The split norm's list-writing launch, batch 1: at most this many programs per row, each doing several segments
+# and every list (0: one program per segment and list). Why few: with PDL the next GEMV is placed while these
+# programs still hold their SMs, and it never uses those SMs (trace of run 28: q/k/v's 384 programs on 108 SMs,
+# 24 left idle by 24 norm programs). With 4, the GEMV grids (multiples of 128 programs) fill 128 SMs evenly.
+NORM_LIST_PROGRAMS = 0
 
 
 def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor, eps: float,
@@ -495,9 +512,11 @@ def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor,
         ss = torch.empty((B, nb), device=h.device, dtype=torch.float32)
         _add_sumsq_kernel[(B, nb)](h, p_arg, ss, B, D, nb, S=S, HAS_P=partials is not None, BLOCK=SUMSQ_BLOCK,
                                    num_warps=2, **pdl_kwargs(pdl))
-        _norm_lists_kernel[(B, nseg, max(P, 1))](h, ss, w, out, t, idx, xv, cnt, B, D, nb, nseg, eps,
-                                                 NB_P2=_np2(nb), SEG=seg, P_LIST=P,
-                                                 num_warps=4 if seg <= 1024 else 8, **pdl_kwargs(pdl))
+        spp = _np2(math.ceil(nseg / NORM_LIST_PROGRAMS)) if NORM_LIST_PROGRAMS and P and B == 1 else 0
+        grid = (B, math.ceil(nseg / spp), 1) if spp else (B, nseg, max(P, 1))
+        _norm_lists_kernel[grid](h, ss, w, out, t, idx, xv, cnt, B, D, nb, nseg, eps, NB_P2=_np2(nb), SEG=seg,
+                                 P_LIST=P, SPP=spp, num_warps=4 if seg * max(spp, 1) <= 1024 else 8,
+                                 **pdl_kwargs(pdl))
         return out
     seg = lists[1] if lists is not None else _np2(D)
     ns = _np2(math.ceil(D / seg))
