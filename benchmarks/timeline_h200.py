@@ -168,7 +168,20 @@ def print_trace(rows: list[dict]) -> None:
 
 
 # --cfg keys that set a decode_ops module setting for one variant
-DOPS_KNOBS = {"sumsq": "SUMSQ_BLOCK", "nlp": "NORM_LIST_PROGRAMS"}
+DOPS_KNOBS = {"sumsq": "SUMSQ_BLOCK", "nlp.qkv": "NORM_LIST_PROGRAMS.qkv", "nlp.gu": "NORM_LIST_PROGRAMS.gu"}
+
+
+def _get_knob(name: str):
+    attr, _, key = name.partition(".")
+    return getattr(dops, attr)[key] if key else getattr(dops, attr)
+
+
+def _set_knob(name: str, value) -> None:
+    attr, _, key = name.partition(".")
+    if key:
+        getattr(dops, attr)[key] = value
+    else:
+        setattr(dops, attr, value)
 
 
 def main(argv=None) -> None:
@@ -189,8 +202,8 @@ def main(argv=None) -> None:
                     help="a variant with batch-1 GEMV configurations replaced: "
                          "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (sparse list GEMV), 'd.o=...' (dense GEMV: a dense "
                          "row), 'sub.o=R' (sub-lists), "
-                         "'sumsq=N' (the norm's first-launch block), 'nlp=N' (programs of the norm's list launch, "
-                         "NORM_LIST_PROGRAMS), 'dense' (a dense row); several joined by ';'")
+                         "'sumsq=N' (the norm's first-launch block), 'nlp.qkv=N' / 'nlp.gu=N' (programs of the "
+                         "norm's list launch, NORM_LIST_PROGRAMS), 'dense' (a dense row); several joined by ';'")
     ap.add_argument("--trace", action="store_true",
                     help="also per-program GEMV timestamps (globaltimer) of one traced step per variant")
     ap.add_argument("--out", required=True)
@@ -242,7 +255,7 @@ def main(argv=None) -> None:
                          {**default_sub, **sub}, None, over, knobs))
     th = None
     first_logits = {}
-    default_knobs = {k: getattr(dops, k) for k in DOPS_KNOBS.values()}
+    default_knobs = {k: _get_knob(k) for k in DOPS_KNOBS.values()}
     for label, sparse, sub, norm, over, knobs in variants:
         if sparse and th is None:
             th = calibrate(dec, uniform_levels(dec, a.level))
@@ -251,7 +264,7 @@ def main(argv=None) -> None:
         model_mod.LIST_SUBLISTS.update(sub or default_sub)
         dops.NORM_MODE = norm or default_norm
         for k, v in {**default_knobs, **knobs}.items():
-            setattr(dops, k, v)
+            _set_knob(k, v)
         saved = {}
         for (g, dense), cfg in over.items():
             K, widths = group_shape[g]
@@ -280,7 +293,7 @@ def main(argv=None) -> None:
         s["sublists_per_segment"] = dict(model_mod.LIST_SUBLISTS) if sparse else None
         s["norm_mode"] = dops.NORM_MODE
         s["sumsq_block"] = dops.SUMSQ_BLOCK
-        s["norm_list_programs"] = dops.NORM_LIST_PROGRAMS
+        s["norm_list_programs"] = dict(dops.NORM_LIST_PROGRAMS)
         s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
                         for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, not sparse))
                                      for g in group_shape)}
@@ -303,7 +316,7 @@ def main(argv=None) -> None:
     model_mod.LIST_SUBLISTS.update(default_sub)
     dops.NORM_MODE = default_norm
     for k, v in default_knobs.items():
-        setattr(dops, k, v)
+        _set_knob(k, v)
     dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]
     for label, s in res["rows"].items():
         s["speedup_vs_dense"] = s["decode_tok_s_unprofiled"] / dense_tok_s

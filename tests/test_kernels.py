@@ -250,12 +250,11 @@ INTERP = textwrap.dedent("""
         t = torch.rand(max(P, 1), D) * 0.8
         res = []
         for mode, programs in (("row", 0), ("split", 0), ("split", 2)):  # 2: several segments and lists each
-            ops.NORM_LIST_PROGRAMS = programs
             hh = h.clone()
             bufs = list_buffers(P, D, seg, "cpu") if P else None
-            y = ops.add_rmsnorm(hh, pp, w, 1e-5, lists=(t, seg, bufs) if P else None, mode=mode)
+            y = ops.add_rmsnorm(hh, pp, w, 1e-5, lists=(t, seg, bufs) if P else None, mode=mode,
+                                list_programs=programs)
             res.append((hh, y, bufs))
-        ops.NORM_LIST_PROGRAMS = 0
         for r in res[1:]:
             e += [(r[0] - res[0][0]).abs().max().item(), (r[1] - res[0][1]).abs().max().item()]
             if P:

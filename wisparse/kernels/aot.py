@@ -186,10 +186,12 @@ def _decode_variants():
     for D in (4096, 3584):
         for seg, P in ((1024, 0), (256, 3), (512, 3), (1024, 3), (2048, 3), (1024, 2), (2048, 2), (4096, 3)):
             nb = -(-D // dops.SUMSQ_BLOCK)
-            for spp in ((0, 2) if seg == 512 and P else (0,)):  # 2: NORM_LIST_PROGRAMS = 4 at D 4096
+            for spp in ((0, 2) if seg == 512 and P else (0,)):  # 2: list_programs = 4 at D 4096
+                rows = dops._np2(P * spp) if spp else 1
                 yield (f"norm_lists D={D} seg={seg} lists={P} segments/program={spp}", dops._norm_lists_kernel,
                        {"h_ptr": "*bf16", "ss_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", **lst},
-                       dict(NB_P2=dops._np2(nb), SEG=seg, P_LIST=P, SPP=spp), 4 if seg * max(spp, 1) <= 1024 else 8, 1)
+                       dict(NB_P2=dops._np2(nb), SEG=seg, P_LIST=P, SPP=spp, ROWS=rows),
+                       4 if seg * rows <= 1024 else 8, 1)
     for block, lists in ((1024, False), (512, True), (1024, True), (2048, True)):
         for S in (2, 4):
             yield (f"silu_mul block={block} list={lists} partials={S}", dops._silu_mul_kernel,

@@ -155,12 +155,13 @@ if HAVE_TRITON:
     @triton.jit
     def _norm_lists_kernel(h_ptr, ss_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NB, NSEG, eps,
                            NB_P2: tl.constexpr, SEG: tl.constexpr, P_LIST: tl.constexpr, SPP: tl.constexpr = 0,
-                           PDL: tl.constexpr = False):
+                           ROWS: tl.constexpr = 1, PDL: tl.constexpr = False):
         """Split norm, launch 2 of 2. rstd of row b from its NB slice sums; y = w * round(h * rstd) -> out, and
         (P_LIST > 0, batch 1) the survivor lists of y.
-        SPP == 0: program (b, s, p) does segment s, list p (out from p == 0).
-        SPP > 0: program (b, s) does segments [s*SPP, (s+1)*SPP) and every list (fewer programs, see
-        `NORM_LIST_PROGRAMS`)."""
+        SPP == 0: program (b, s, p) does segment s of list p (out from p == 0).
+        SPP > 0 (batch 1, lists): program (0, s) does segments [s*SPP, (s+1)*SPP) of every list, as the rows of one
+        [ROWS >= P_LIST * SPP, SEG] tile (row r: list r // SPP), so every load is issued before the first store
+        (a load after a list store would wait for it: the pointers may alias) and one scan serves all lists."""
         _pdl_enter(PDL)
         b = tl.program_id(0)
         s = tl.program_id(1)
@@ -170,19 +171,24 @@ if HAVE_TRITON:
         if SPP == 0:
             p = tl.program_id(2)
             seg = s + tl.arange(0, 1)
-        else:
-            p = 0
-            seg = s * SPP + tl.arange(0, SPP)
-        offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
-        m = offs < D
-        y = _norm_scale(tl.load(h_ptr + b * D + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
-        tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
-        if SPP == 0:
+            offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
+            m = offs < D
+            y = _norm_scale(tl.load(h_ptr + b * D + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
+            tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
             if P_LIST > 0:
                 _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
         else:
-            for q in tl.static_range(P_LIST):
-                _list_for(y, q, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
+            r = tl.arange(0, ROWS)
+            q = r // SPP
+            seg = s * SPP + r % SPP
+            rok = r < P_LIST * SPP
+            offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
+            m = (offs < D) & rok[:, None]
+            y = _norm_scale(tl.load(h_ptr + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
+            t = tl.load(t_ptr + q[:, None] * D + offs, mask=m, other=float("inf"))
+            tl.store(out_ptr + offs, y, mask=m & (q == 0)[:, None])
+            _store_list(y, tl.abs(y.to(tl.float32)) > t, offs, seg, (seg < NSEG) & rok, q[:, None] * D, q * NSEG,
+                        idx_ptr, xv_ptr, cnt_ptr, SEG)
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
@@ -479,18 +485,21 @@ if HAVE_TRITON:
 # "row" = the version-3 kernel, one program per row (kept for the benchmark's side-by-side rows).
 NORM_MODE = "split"
 SUMSQ_BLOCK = 256  # channels per program of the split norm's first launch (D = 4096: 16 programs)
-# The split norm's list-writing launch, batch 1: at most this many programs per row, each doing several segments
-# and every list (0: one program per segment and list). Why few: with PDL the next GEMV is placed while these
-# programs still hold their SMs, and it never uses those SMs (trace of run 28: q/k/v's 384 programs on 108 SMs,
-# 24 left idle by 24 norm programs). With 4, the GEMV grids (multiples of 128 programs) fill 128 SMs evenly.
-NORM_LIST_PROGRAMS = 0
+# The split norm's list-writing launch, batch 1, by the group that reads the lists: at most this many programs
+# (each doing several segments of every list; 0: one program per segment and list). Why few: with PDL the next GEMV
+# is placed while these programs still hold their SMs, and it never uses those SMs (run 28: q/k/v's 384 programs on
+# 108 SMs, the 24 others held by 24 norm programs). With 4, a grid of 3 x 128 programs fills 128 SMs evenly. gate|up
+# (896 programs, 7 per SM) overflows onto the freed SMs anyway.
+NORM_LIST_PROGRAMS = {"qkv": 0, "gu": 0}
 
 
 def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor, eps: float,
-                lists: tuple | None = None, pdl: bool = False, mode: str | None = None) -> torch.Tensor:
+                lists: tuple | None = None, pdl: bool = False, mode: str | None = None,
+                list_programs: int = 0) -> torch.Tensor:
     """h [B, D] (updated in place with the summed partials), returns rmsnorm(h) * w in h's dtype.
     lists = (t [P, D] fp32, seg, (idx, xv, cnt)): batch 1 only; also writes the survivor lists of the result.
-    mode: "split" or "row" (see `NORM_MODE`, the default)."""
+    mode: "split" or "row" (see `NORM_MODE`, the default). list_programs > 0 (split mode, lists): the list launch
+    runs at most that many programs, each doing several segments of every list (see `NORM_LIST_PROGRAMS`)."""
     if not _use_triton(h):
         out = ref_add_rmsnorm(h, partials, w, eps)
         if lists is not None:
@@ -512,10 +521,11 @@ def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor,
         ss = torch.empty((B, nb), device=h.device, dtype=torch.float32)
         _add_sumsq_kernel[(B, nb)](h, p_arg, ss, B, D, nb, S=S, HAS_P=partials is not None, BLOCK=SUMSQ_BLOCK,
                                    num_warps=2, **pdl_kwargs(pdl))
-        spp = _np2(math.ceil(nseg / NORM_LIST_PROGRAMS)) if NORM_LIST_PROGRAMS and P and B == 1 else 0
+        spp = _np2(math.ceil(nseg / list_programs)) if list_programs and P and B == 1 else 0
         grid = (B, math.ceil(nseg / spp), 1) if spp else (B, nseg, max(P, 1))
+        rows = _np2(P * spp) if spp else 1
         _norm_lists_kernel[grid](h, ss, w, out, t, idx, xv, cnt, B, D, nb, nseg, eps, NB_P2=_np2(nb), SEG=seg,
-                                 P_LIST=P, SPP=spp, num_warps=4 if seg * max(spp, 1) <= 1024 else 8,
+                                 P_LIST=P, SPP=spp, ROWS=rows, num_warps=4 if seg * rows <= 1024 else 8,
                                  **pdl_kwargs(pdl))
         return out
     seg = lists[1] if lists is not None else _np2(D)
