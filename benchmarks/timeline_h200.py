@@ -294,7 +294,7 @@ def main(argv=None) -> None:
         s["norm_mode"] = dops.NORM_MODE
         s["sumsq_block"] = dops.SUMSQ_BLOCK
         s["norm_list_programs"] = dict(dops.NORM_LIST_PROGRAMS)
-        s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
+        s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split, c.clamp)))
                         for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, not sparse))
                                      for g in group_shape)}
         if a.trace:  # before the configurations are restored

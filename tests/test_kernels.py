@@ -196,11 +196,12 @@ INTERP = textwrap.dedent("""
         lists_ok &= same_lists(launch_compact(x, t, seg), reference_compact(x, t, seg), seg)
         if dt == torch.bfloat16:  # the interpreter has no bf16 dot
             continue
-        cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split)
-        out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
-        launch_sparse_gemv(x, wt, t, widths, config=cfg, out=out)
-        ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
-        worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
+        for clamp in (False, True):  # masked list walk, and positions past the end clamped (no load masks)
+            cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split, clamp=clamp)
+            out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
+            launch_sparse_gemv(x, wt, t, widths, config=cfg, out=out)
+            ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
+            worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
     # sub-lists: the list GEMV walks a segment's sub-lists (written by the compaction kernel in blocks of `sub`) as
     # one list; K not a multiple of the segment or the sub-list; every output slot poisoned first
     from wisparse.kernels.sparse_gemv import launch_gemv_list
@@ -211,11 +212,12 @@ INTERP = textwrap.dedent("""
         x = torch.randn(1, K).to(torch.float16)
         wt = torch.randn(K, N).to(torch.float16)
         t = torch.rand(len(widths), K) * 1.5
-        cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split)
-        out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
-        launch_gemv_list(*launch_compact(x, t, sub), wt, widths, cfg, out=out, sub=sub)
-        ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
-        worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
+        for clamp in (False, True):
+            cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split, clamp=clamp)
+            out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
+            launch_gemv_list(*launch_compact(x, t, sub), wt, widths, cfg, out=out, sub=sub)
+            ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
+            worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
     pp = torch.randn(3, 2, 1500)
     ops._use_triton = lambda _: True
     e.append((ops.sum_partials(pp, torch.float32) - pp.sum(0)).abs().max().item())
