@@ -167,23 +167,6 @@ def print_trace(rows: list[dict]) -> None:
               f"{r['sms_used']:3.0f}/{r['programs_per_sm_max']:.0f}")
 
 
-# --cfg keys that set a decode_ops module setting for one variant
-DOPS_KNOBS = {"sumsq": "SUMSQ_BLOCK", "nlp.qkv": "NORM_LIST_PROGRAMS.qkv", "nlp.gu": "NORM_LIST_PROGRAMS.gu"}
-
-
-def _get_knob(name: str):
-    attr, _, key = name.partition(".")
-    return getattr(dops, attr)[key] if key else getattr(dops, attr)
-
-
-def _set_knob(name: str, value) -> None:
-    attr, _, key = name.partition(".")
-    if key:
-        getattr(dops, attr)[key] = value
-    else:
-        setattr(dops, attr, value)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -202,8 +185,7 @@ def main(argv=None) -> None:
                     help="a variant with batch-1 GEMV configurations replaced: "
                          "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (sparse list GEMV), 'd.o=...' (dense GEMV: a dense "
                          "row), 'sub.o=R' (sub-lists), "
-                         "'sumsq=N' (the norm's first-launch block), 'nlp.qkv=N' / 'nlp.gu=N' (programs of the "
-                         "norm's list launch, NORM_LIST_PROGRAMS), 'dense' (a dense row); several joined by ';'")
+                         "'sumsq=N' (the norm's first-launch block), 'dense' (a dense row); several joined by ';'")
     ap.add_argument("--trace", action="store_true",
                     help="also per-program GEMV timestamps (globaltimer) of one traced step per variant")
     ap.add_argument("--out", required=True)
@@ -225,18 +207,18 @@ def main(argv=None) -> None:
     default_norm = dops.NORM_MODE
     whole = {g: 1 for g in model_mod.LIST_SUBLISTS}  # one sub-list per segment: whole-segment lists
     # (label, sparse, sub-lists, norm mode, {(group, dense): GEMV configuration}, norm sum-of-squares block)
-    variants = [("dense", False, None, None, {}, {}), (f"uniform {a.level:.2f}", True, None, None, {}, {})]
+    variants = [("dense", False, None, None, {}, None), (f"uniform {a.level:.2f}", True, None, None, {}, None)]
     if a.whole_lists:
-        variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole, None, {}, {}))
+        variants.append((f"uniform {a.level:.2f}, whole-segment lists", True, whole, None, {}, None))
     for spec in filter(None, a.sublists.split(";")):  # e.g. "qkv=2,gu=2,down=4,o=4"
         sub = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-        variants.append((f"uniform {a.level:.2f}, sub-lists {spec}", True, {**default_sub, **sub}, None, {}, {}))
+        variants.append((f"uniform {a.level:.2f}, sub-lists {spec}", True, {**default_sub, **sub}, None, {}, None))
     for mode in filter(None, a.norm_modes.split(",")):
-        variants += [(f"dense, {mode} norm", False, None, mode, {}, {}),
-                     (f"uniform {a.level:.2f}, {mode} norm", True, None, mode, {}, {})]
+        variants += [(f"dense, {mode} norm", False, None, mode, {}, None),
+                     (f"uniform {a.level:.2f}, {mode} norm", True, None, mode, {}, None)]
     group_shape = engine_shapes(dec)
     for spec in a.cfg:  # e.g. "o=64,512,32,4,8,1;qkv=128,512,64,4,5,1;sub.qkv=4", "d.down=64,2048,64,4,4,1"
-        over, sub, knobs, dense, dense_row = {}, {}, {}, False, False
+        over, sub, sumsq, dense, dense_row = {}, {}, None, False, False
         for part in spec.split(";"):
             if part == "dense":  # a dense row with only the other settings of this spec (e.g. sumsq)
                 dense_row = True
@@ -245,26 +227,25 @@ def main(argv=None) -> None:
             if g.startswith("sub."):  # sub-lists per segment for this group
                 sub[g[4:]] = int(v)
                 continue
-            if g in DOPS_KNOBS:  # a decode_ops module setting (norm launches)
-                knobs[DOPS_KNOBS[g]] = int(v)
+            if g == "sumsq":  # channels per program of the norm's first launch
+                sumsq = int(v)
                 continue
             dense = g.startswith("d.")  # a dense GEMV configuration: a dense row
             over[(g[2:] if dense else g, dense)] = config_from_spec(v, dense)
         sparse = not dense_row and (not over or any(not d for _, d in over))
         variants.append((f"{f'uniform {a.level:.2f}' if sparse else 'dense'}, config {spec}", sparse,
-                         {**default_sub, **sub}, None, over, knobs))
+                         {**default_sub, **sub}, None, over, sumsq))
     th = None
     first_logits = {}
-    default_knobs = {k: _get_knob(k) for k in DOPS_KNOBS.values()}
-    for label, sparse, sub, norm, over, knobs in variants:
+    default_sumsq = dops.SUMSQ_BLOCK
+    for label, sparse, sub, norm, over, sumsq in variants:
         if sparse and th is None:
             th = calibrate(dec, uniform_levels(dec, a.level))
             dec.set_thresholds(th)
         dec.sparse = sparse
         model_mod.LIST_SUBLISTS.update(sub or default_sub)
         dops.NORM_MODE = norm or default_norm
-        for k, v in {**default_knobs, **knobs}.items():
-            _set_knob(k, v)
+        dops.SUMSQ_BLOCK = sumsq or default_sumsq
         saved = {}
         for (g, dense), cfg in over.items():
             K, widths = group_shape[g]
@@ -293,8 +274,7 @@ def main(argv=None) -> None:
         s["sublists_per_segment"] = dict(model_mod.LIST_SUBLISTS) if sparse else None
         s["norm_mode"] = dops.NORM_MODE
         s["sumsq_block"] = dops.SUMSQ_BLOCK
-        s["norm_list_programs"] = dict(dops.NORM_LIST_PROGRAMS)
-        s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split, c.clamp)))
+        s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
                         for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, not sparse))
                                      for g in group_shape)}
         if a.trace:  # before the configurations are restored
@@ -315,8 +295,7 @@ def main(argv=None) -> None:
             print_trace(s["trace"])
     model_mod.LIST_SUBLISTS.update(default_sub)
     dops.NORM_MODE = default_norm
-    for k, v in default_knobs.items():
-        _set_knob(k, v)
+    dops.SUMSQ_BLOCK = default_sumsq
     dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]
     for label, s in res["rows"].items():
         s["speedup_vs_dense"] = s["decode_tok_s_unprofiled"] / dense_tok_s

@@ -196,12 +196,11 @@ INTERP = textwrap.dedent("""
         lists_ok &= same_lists(launch_compact(x, t, seg), reference_compact(x, t, seg), seg)
         if dt == torch.bfloat16:  # the interpreter has no bf16 dot
             continue
-        for clamp in (False, True):  # masked list walk, and positions past the end clamped (no load masks)
-            cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split, clamp=clamp)
-            out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
-            launch_sparse_gemv(x, wt, t, widths, config=cfg, out=out)
-            ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
-            worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
+        cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split)
+        out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
+        launch_sparse_gemv(x, wt, t, widths, config=cfg, out=out)
+        ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
+        worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
     # sub-lists: the list GEMV walks a segment's sub-lists (written by the compaction kernel in blocks of `sub`) as
     # one list; K not a multiple of the segment or the sub-list; every output slot poisoned first
     from wisparse.kernels.sparse_gemv import launch_gemv_list
@@ -212,12 +211,11 @@ INTERP = textwrap.dedent("""
         x = torch.randn(1, K).to(torch.float16)
         wt = torch.randn(K, N).to(torch.float16)
         t = torch.rand(len(widths), K) * 1.5
-        for clamp in (False, True):
-            cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split, clamp=clamp)
-            out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
-            launch_gemv_list(*launch_compact(x, t, sub), wt, widths, cfg, out=out, sub=sub)
-            ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
-            worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
+        cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split)
+        out = torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan"))
+        launch_gemv_list(*launch_compact(x, t, sub), wt, widths, cfg, out=out, sub=sub)
+        ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
+        worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
     pp = torch.randn(3, 2, 1500)
     ops._use_triton = lambda _: True
     e.append((ops.sum_partials(pp, torch.float32) - pp.sum(0)).abs().max().item())
@@ -251,11 +249,10 @@ INTERP = textwrap.dedent("""
         h, pp, w = torch.randn(B, D), torch.randn(3, B, D) if has_p else None, torch.randn(D)
         t = torch.rand(max(P, 1), D) * 0.8
         res = []
-        for mode, programs in (("row", 0), ("split", 0), ("split", 2)):  # 2: several segments and lists each
+        for mode in ("row", "split"):
             hh = h.clone()
             bufs = list_buffers(P, D, seg, "cpu") if P else None
-            y = ops.add_rmsnorm(hh, pp, w, 1e-5, lists=(t, seg, bufs) if P else None, mode=mode,
-                                list_programs=programs)
+            y = ops.add_rmsnorm(hh, pp, w, 1e-5, lists=(t, seg, bufs) if P else None, mode=mode)
             res.append((hh, y, bufs))
         for r in res[1:]:
             e += [(r[0] - res[0][0]).abs().max().item(), (r[1] - res[0][1]).abs().max().item()]
@@ -544,6 +541,24 @@ def test_trace_bookkeeping_gives_each_launch_its_own_records():
         assert len(sg.TRACE["log"]) == 2
     finally:
         sg.TRACE = None
+
+
+def test_per_sm_trace_ranks_programs_by_launch_order_on_their_sm():
+    """benchmarks/per_sm_trace.py (offline diagnosis of `--trace` records): programs are ranked on their SM by
+    launch order (pid_n fastest), an SM ends with its last program, and its rate is rows over that end."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("per_sm_trace", os.path.join(ROOT, "benchmarks", "per_sm_trace.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # [pid_n, pid_s, entry, wait, count, end, sm, rows]: grid (2, 2); SM 7 runs (1, 0) then (0, 1), SM 3 the rest
+    recs = [[0, 0, 0, 0, 0, 4.0, 3, 100], [1, 0, 0, 0, 0, 6.0, 7, 100],
+            [0, 1, 0, 0, 0, 9.0, 7, 200], [1, 1, 0, 0, 0, 8.0, 3, 300]]
+    s = mod.per_sm(recs)
+    assert s["sms"] == 2 and s["programs_per_sm"] == {2: 2}
+    assert s["sm_end_us"] == (8.0, 8.5, 9.0)
+    assert s["end_by_rank_us"] == [5.0, 8.5]  # rank 0: (0, 0) on SM 3 and (1, 0) on SM 7
+    assert s["rows_per_us_per_sm"] == (300 / 9.0, (400 / 8.0 + 300 / 9.0) / 2, 400 / 8.0)
 
 
 def test_sass_loop_counter_finds_the_longest_backward_branch():

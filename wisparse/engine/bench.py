@@ -138,11 +138,11 @@ SWEEP = SWEEP_SPARSE + SWEEP_DENSE + SWEEP_BATCH
 
 
 def config_from_spec(text: str, dense: bool = False) -> GemvConfig:
-    """A batch-1 configuration from 'BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT[,CLAMP]' (the timeline's variants): the
-    list GEMV when sparse, static addresses when dense. CLAMP 1: the list walk without load masks."""
-    bn, kr, bk, nw, ns, split, *clamp = (int(x) for x in text.split(","))
+    """A batch-1 configuration from 'BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (the timeline's variants): the list GEMV
+    when sparse, static addresses when dense."""
+    bn, kr, bk, nw, ns, split = (int(x) for x in text.split(","))
     return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=True,
-                      compact=False, listed=not dense, split=split, clamp=bool(clamp and clamp[0]))
+                      compact=False, listed=not dense, split=split)
 
 
 def _mode(t) -> str:

@@ -422,8 +422,7 @@ class Decoder:
         pdl = self.pdl and self.device.type == "cuda"
         h = F.embedding(self.tokens, self.embed)
         lst = self._lists_for(0, "qkv")
-        nlp = ops.NORM_LIST_PROGRAMS
-        x = ops.add_rmsnorm(h, None, self.layers[0].ln1, self.eps, lists=lst, pdl=pdl, list_programs=nlp["qkv"])
+        x = ops.add_rmsnorm(h, None, self.layers[0].ln1, self.eps, lists=lst, pdl=pdl)
         n = len(self.layers)
         for i, lyr in enumerate(self.layers):
             p = self._gemv(i, "qkv", lyr.qkv, x, lst, pdl)
@@ -434,11 +433,11 @@ class Decoder:
                                     self.H, self.Hkv, lyr.window, lists=lst, pdl=pdl)
             p = self._gemv(i, "o", lyr.o, a, lst, pdl)
             lst = self._lists_for(i, "gu")
-            x = ops.add_rmsnorm(h, p, lyr.ln2, self.eps, lists=lst, pdl=pdl, list_programs=nlp["gu"])
+            x = ops.add_rmsnorm(h, p, lyr.ln2, self.eps, lists=lst, pdl=pdl)
             p = self._mlp(i, lyr, x, lst, pdl)
             lst = self._lists_for(i + 1, "qkv")
             x = ops.add_rmsnorm(h, p, self.layers[i + 1].ln1 if i + 1 < n else self.norm, self.eps, lists=lst,
-                                pdl=pdl, list_programs=nlp["qkv"])
+                                pdl=pdl)
         if self.backend == "triton" and self.lm_head_t is not None:
             if pdl and HAVE_TRITON:
                 cfg = kops.get_config(self.D, self.V, x.shape[0], True)

@@ -92,10 +92,6 @@ def loop_report() -> list[dict]:
              dict(SEG=1024, SPLIT=1, BLOCK_N=128, BLOCK_K=32, ALIGN=8, R=2, PDL=True), 4, 8),
             ("list down bn128 bk32 st8, 4 sub-lists", sg._gemv_list_kernel, lst,
              dict(SEG=2048, SPLIT=1, BLOCK_N=128, BLOCK_K=32, ALIGN=8, R=4, PDL=True), 4, 8),
-            ("list down, clamped walk", sg._gemv_list_kernel, lst,
-             dict(SEG=2048, SPLIT=1, BLOCK_N=128, BLOCK_K=32, ALIGN=8, R=4, PDL=True, CLAMP=True, EVEN_N=True), 4, 8),
-            ("list gate/up, clamped walk", sg._gemv_list_kernel, lst,
-             dict(SEG=1024, SPLIT=1, BLOCK_N=128, BLOCK_K=32, ALIGN=8, R=2, PDL=True, CLAMP=True, EVEN_N=True), 4, 8),
             ("list q/k/v, o bn64 bk64 st5, 2 sub-lists", sg._gemv_list_kernel, lst,
              dict(SEG=1024, SPLIT=1, BLOCK_N=64, BLOCK_K=64, ALIGN=8, R=2, PDL=True), 4, 5),
             ("dense gate/up bn128 bk64 st3", sg._sparse_gemv_kernel, dense,
@@ -190,12 +186,9 @@ def _decode_variants():
     for D in (4096, 3584):
         for seg, P in ((1024, 0), (256, 3), (512, 3), (1024, 3), (2048, 3), (1024, 2), (2048, 2), (4096, 3)):
             nb = -(-D // dops.SUMSQ_BLOCK)
-            for spp in ((0, 2) if seg == 512 and P else (0,)):  # 2: list_programs = 4 at D 4096
-                rows = dops._np2(P * spp) if spp else 1
-                yield (f"norm_lists D={D} seg={seg} lists={P} segments/program={spp}", dops._norm_lists_kernel,
-                       {"h_ptr": "*bf16", "ss_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", **lst},
-                       dict(NB_P2=dops._np2(nb), SEG=seg, P_LIST=P, SPP=spp, ROWS=rows),
-                       4 if seg * rows <= 1024 else 8, 1)
+            yield (f"norm_lists D={D} seg={seg} lists={P}", dops._norm_lists_kernel,
+                   {"h_ptr": "*bf16", "ss_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", **lst},
+                   dict(NB_P2=dops._np2(nb), SEG=seg, P_LIST=P), 4 if seg <= 1024 else 8, 1)
     for block, lists in ((1024, False), (512, True), (1024, True), (2048, True)):
         for S in (2, 4):
             yield (f"silu_mul block={block} list={lists} partials={S}", dops._silu_mul_kernel,

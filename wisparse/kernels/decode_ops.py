@@ -154,41 +154,23 @@ if HAVE_TRITON:
 
     @triton.jit
     def _norm_lists_kernel(h_ptr, ss_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NB, NSEG, eps,
-                           NB_P2: tl.constexpr, SEG: tl.constexpr, P_LIST: tl.constexpr, SPP: tl.constexpr = 0,
-                           ROWS: tl.constexpr = 1, PDL: tl.constexpr = False):
-        """Split norm, launch 2 of 2. rstd of row b from its NB slice sums; y = w * round(h * rstd) -> out, and
-        (P_LIST > 0, batch 1) the survivor lists of y.
-        SPP == 0: program (b, s, p) does segment s of list p (out from p == 0).
-        SPP > 0 (batch 1, lists): program (0, s) does segments [s*SPP, (s+1)*SPP) of every list, as the rows of one
-        [ROWS >= P_LIST * SPP, SEG] tile (row r: list r // SPP), so every load is issued before the first store
-        (a load after a list store would wait for it: the pointers may alias) and one scan serves all lists."""
+                           NB_P2: tl.constexpr, SEG: tl.constexpr, P_LIST: tl.constexpr, PDL: tl.constexpr = False):
+        """Split norm, launch 2 of 2. Program (b, s, p): rstd of row b from its NB slice sums; segment s of
+        y = w * round(h * rstd) -> out (p == 0), and (P_LIST > 0, batch 1) list p's segment s."""
         _pdl_enter(PDL)
         b = tl.program_id(0)
         s = tl.program_id(1)
+        p = tl.program_id(2)
         jb = tl.arange(0, NB_P2)
         ss = tl.load(ss_ptr + b * NB + jb, mask=jb < NB, other=0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
-        if SPP == 0:
-            p = tl.program_id(2)
-            seg = s + tl.arange(0, 1)
-            offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
-            m = offs < D
-            y = _norm_scale(tl.load(h_ptr + b * D + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
-            tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
-            if P_LIST > 0:
-                _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
-        else:
-            r = tl.arange(0, ROWS)
-            q = r // SPP
-            seg = s * SPP + r % SPP
-            rok = r < P_LIST * SPP
-            offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
-            m = (offs < D) & rok[:, None]
-            y = _norm_scale(tl.load(h_ptr + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
-            t = tl.load(t_ptr + q[:, None] * D + offs, mask=m, other=float("inf"))
-            tl.store(out_ptr + offs, y, mask=m & (q == 0)[:, None])
-            _store_list(y, tl.abs(y.to(tl.float32)) > t, offs, seg, (seg < NSEG) & rok, q[:, None] * D, q * NSEG,
-                        idx_ptr, xv_ptr, cnt_ptr, SEG)
+        seg = s + tl.arange(0, 1)
+        offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]
+        m = offs < D
+        y = _norm_scale(tl.load(h_ptr + b * D + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
+        tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
+        if P_LIST > 0:
+            _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
@@ -485,21 +467,13 @@ if HAVE_TRITON:
 # "row" = the version-3 kernel, one program per row (kept for the benchmark's side-by-side rows).
 NORM_MODE = "split"
 SUMSQ_BLOCK = 256  # channels per program of the split norm's first launch (D = 4096: 16 programs)
-# The split norm's list-writing launch, batch 1, by the group that reads the lists: at most this many programs
-# (each doing several segments of every list; 0: one program per segment and list). Why few: with PDL the next GEMV
-# is placed while these programs still hold their SMs, and it never uses those SMs (run 28: q/k/v's 384 programs on
-# 108 SMs, the 24 others held by 24 norm programs). With 4, a grid of 3 x 128 programs fills 128 SMs evenly. gate|up
-# (896 programs, 7 per SM) overflows onto the freed SMs anyway.
-NORM_LIST_PROGRAMS = {"qkv": 0, "gu": 0}
 
 
 def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor, eps: float,
-                lists: tuple | None = None, pdl: bool = False, mode: str | None = None,
-                list_programs: int = 0) -> torch.Tensor:
+                lists: tuple | None = None, pdl: bool = False, mode: str | None = None) -> torch.Tensor:
     """h [B, D] (updated in place with the summed partials), returns rmsnorm(h) * w in h's dtype.
     lists = (t [P, D] fp32, seg, (idx, xv, cnt)): batch 1 only; also writes the survivor lists of the result.
-    mode: "split" or "row" (see `NORM_MODE`, the default). list_programs > 0 (split mode, lists): the list launch
-    runs at most that many programs, each doing several segments of every list (see `NORM_LIST_PROGRAMS`)."""
+    mode: "split" or "row" (see `NORM_MODE`, the default)."""
     if not _use_triton(h):
         out = ref_add_rmsnorm(h, partials, w, eps)
         if lists is not None:
@@ -521,12 +495,9 @@ def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor,
         ss = torch.empty((B, nb), device=h.device, dtype=torch.float32)
         _add_sumsq_kernel[(B, nb)](h, p_arg, ss, B, D, nb, S=S, HAS_P=partials is not None, BLOCK=SUMSQ_BLOCK,
                                    num_warps=2, **pdl_kwargs(pdl))
-        spp = _np2(math.ceil(nseg / list_programs)) if list_programs and P and B == 1 else 0
-        grid = (B, math.ceil(nseg / spp), 1) if spp else (B, nseg, max(P, 1))
-        rows = _np2(P * spp) if spp else 1
-        _norm_lists_kernel[grid](h, ss, w, out, t, idx, xv, cnt, B, D, nb, nseg, eps, NB_P2=_np2(nb), SEG=seg,
-                                 P_LIST=P, SPP=spp, ROWS=rows, num_warps=4 if seg * rows <= 1024 else 8,
-                                 **pdl_kwargs(pdl))
+        _norm_lists_kernel[(B, nseg, max(P, 1))](h, ss, w, out, t, idx, xv, cnt, B, D, nb, nseg, eps,
+                                                 NB_P2=_np2(nb), SEG=seg, P_LIST=P,
+                                                 num_warps=4 if seg <= 1024 else 8, **pdl_kwargs(pdl))
         return out
     seg = lists[1] if lists is not None else _np2(D)
     ns = _np2(math.ceil(D / seg))

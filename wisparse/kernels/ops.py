@@ -45,14 +45,12 @@ def set_config(K: int, N: int, B: int, dense: bool, config: GemvConfig) -> None:
 
 def config_from_list(t: list) -> GemvConfig:
     """A configuration from the benchmark's list form (block_n, kr, block_k, warps, stages, dot, compact, prefetch[,
-    listed, split[, skip_rows[, clamp]]])."""
+    listed, split[, skip_rows]])."""
     bn, kr, bk, nw, ns, dot, compact, prefetch = t[:8]
     listed, split = (t[8], t[9]) if len(t) > 8 else (False, 1)
     skip_rows = t[10] if len(t) > 10 else True
-    clamp = bool(t[11]) if len(t) > 11 else False
     return GemvConfig(block_n=bn, kr=kr, block_k=bk, chunk=min(kr, 1024), num_warps=nw, num_stages=ns, use_dot=dot,
-                      compact=compact, prefetch=prefetch, listed=listed, split=split, skip_rows=skip_rows,
-                      clamp=clamp)
+                      compact=compact, prefetch=prefetch, listed=listed, split=split, skip_rows=skip_rows)
 
 
 def install_table(configs: dict, overwrite: bool = True) -> int:

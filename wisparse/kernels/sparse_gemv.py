@@ -71,8 +71,6 @@ class GemvConfig:
     split: int = 1          # listed: programs per segment along K; partials S = ceil(K / kr) * split
     skip_rows: bool = True  # masked mode: skip weight rows no batch row keeps; False: read every row (the loads
                             # then do not wait on x and the threshold test, and pipeline like dense; batch > 1)
-    clamp: bool = False     # listed: positions past a program's last entry reread that entry times 0 instead of
-                            # masking the loads (a quarter fewer loop instructions, 56 registers instead of 72)
 
 
 def _pow2_floor(n: int) -> int:
@@ -360,41 +358,26 @@ if HAVE_TRITON:
 
     @triton.jit
     def _list_walk(idx_ptr, xv_ptr, lbase, lo, hi, w_ptr, N, cols, cmask, i0, i1, i2, g0, g1, g2,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr, CLAMP: tl.constexpr = False,
-                   EVEN_N: tl.constexpr = False):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
         """Sum over list entries [lo, hi) at lbase of xv * W[idx, cols], as row 0 of a [16, BLOCK_N] fp32 tile (the
         tensor-core dot's minimum height; the other rows are zeros). The index, value and weight-row loads do not
         depend on earlier iterations, so Triton pipelines them num_stages deep.
         R > 1 (2 or 4): the list is R sub-lists (see `_sub_counts`): position j sits at slot j + the unused tails of
-        the sub-lists before it (those whose inclusive prefix is <= j).
-        CLAMP: positions past the end read the last entry again (an L2 hit) and multiply it by 0, so the index and
-        weight loads carry no masks (EVEN_N: no column mask either); the masks' predicates were about half of the
-        loop's instructions (SASS, `aot --loop`)."""
+        the sub-lists before it (those whose inclusive prefix is <= j)."""
         jj = tl.arange(0, BLOCK_K)
         first = (tl.arange(0, 16) == 0)[:, None]
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for i in range(lo, hi, BLOCK_K):
             j = i + jj
             valid = j < hi
-            if CLAMP:
-                j = tl.minimum(j, hi - 1)
             slot = j
             if R > 1:
                 slot += tl.where(j >= i0, g0, 0)
             if R > 2:
                 slot += tl.where(j >= i1, g1, 0) + tl.where(j >= i2, g2, 0)
-            if CLAMP:
-                k = tl.load(idx_ptr + lbase + slot)
-                xv = tl.where(valid, tl.load(xv_ptr + lbase + slot), 0.0)
-                if EVEN_N:
-                    w = tl.load(w_ptr + k[:, None] * N + cols[None, :])
-                else:
-                    w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=cmask[None, :], other=0.0)
-            else:
-                k = tl.load(idx_ptr + lbase + slot, mask=valid, other=0)
-                xv = tl.load(xv_ptr + lbase + slot, mask=valid, other=0.0)
-                w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=valid[:, None] & cmask[None, :],
-                            other=0.0)
+            k = tl.load(idx_ptr + lbase + slot, mask=valid, other=0)
+            xv = tl.load(xv_ptr + lbase + slot, mask=valid, other=0.0)
+            w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
             acc += tl.dot(tl.where(first, xv[None, :], 0.0).to(w.dtype), w)
         return acc
 
@@ -410,7 +393,6 @@ if HAVE_TRITON:
         K, N, NSUB, W0, W1, W2, T1, T2,
         SEG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
         R: tl.constexpr = 1, PDL: tl.constexpr = False, trace_ptr=None, TRACE: tl.constexpr = False,
-        CLAMP: tl.constexpr = False, EVEN_N: tl.constexpr = False,
     ):
         """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT (SEG channels, written as R
         in (1, 2, 4) sub-lists of SEG / R channels; NSUB sub-lists per projection). Its loop runs
@@ -429,7 +411,7 @@ if HAVE_TRITON:
         if TRACE:
             t2 = _clock(hi)
         acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, i0, i1, i2, g0, g1, g2,
-                         BLOCK_N, BLOCK_K, R, CLAMP, EVEN_N)
+                         BLOCK_N, BLOCK_K, R)
         if TRACE:
             _trace_store(trace_ptr, t0, t1, t2, _clock(tl.sum(acc).to(tl.int32)), hi - lo)
         _store_row0(out_ptr + pid_s * N, cols, cmask, acc)
@@ -586,7 +568,6 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
     kernel[(sum(tiles), S)](
         idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
         SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
-        R=cfg.kr // sub, CLAMP=cfg.clamp, EVEN_N=all(x % cfg.block_n == 0 for x in widths),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
+        R=cfg.kr // sub, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
         **_trace_args("list", (sum(tiles), S), out, K=K, N=N, B=1, BN=cfg.block_n))
     return out
