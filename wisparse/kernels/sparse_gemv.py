@@ -320,6 +320,21 @@ if HAVE_TRITON:
         tl.store(idx_ptr + dst, offs, mask=keep)
         tl.store(xv_ptr + dst, y.to(tl.float32), mask=keep)
         tl.store(cnt_ptr + cbase + seg, tl.sum(k32, axis=1), mask=seg_ok)
+        return pos
+
+    @triton.jit
+    def _prefetch_rows(pf_ptr, pf_N, pf_W0, pf_W1, p, rows, ok):
+        """Experimental (`decode_ops.L2_PREFETCH`): bulk-prefetch into L2 projection p's part of weight row `rows`
+        (W^T [K, pf_N], projections of widths pf_W0, pf_W1 and the rest) wherever `ok`, so the GEMV that walks
+        these rows next finds them in L2. sm_90 `cp.async.bulk.prefetch`: no completion to wait for, no effect on
+        any result."""
+        col0 = tl.where(p >= 1, pf_W0, 0) + tl.where(p >= 2, pf_W1, 0)
+        width = tl.where(p == 0, pf_W0, tl.where(p == 1, pf_W1, pf_N - pf_W0 - pf_W1))
+        addr = (pf_ptr + (rows.to(tl.int64) * pf_N + col0)).to(tl.int64)
+        nbytes = tl.zeros(rows.shape, dtype=tl.int32) + width * (pf_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+            "=r,l,r,r", [addr, ok.to(tl.int32), nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _compact_kernel(x_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NSEG, SEG: tl.constexpr,
