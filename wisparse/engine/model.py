@@ -343,7 +343,7 @@ class Decoder:
         key = (gname, sub)
         if key not in self._list_bufs:
             self._list_bufs[key] = list_buffers(len(g.widths), K, sub, self.device)
-        return g.t, sub, self._list_bufs[key], cfg, (g.wt, g.widths, gname)
+        return g.t, sub, self._list_bufs[key], cfg
 
     def _observe(self, i: int, gname: str, g: Group, x: torch.Tensor) -> None:
         """The calibration hook (eager only, never set while capturing) and the realised-sparsity meter."""

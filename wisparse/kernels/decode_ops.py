@@ -31,7 +31,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .sparse_gemv import _pdl_enter, _prefetch_rows, _store_list
+    from .sparse_gemv import _pdl_enter, _store_list
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -115,11 +115,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG: tl.constexpr):
-        """Survivor list p of y (segments seg) against projection p's thresholds; returns (keep, list position)."""
+        """Survivor list p of y (segments seg) against projection p's thresholds."""
         t = tl.load(t_ptr + p * D + offs, mask=m, other=float("inf"))
         keep = tl.abs(y.to(tl.float32)) > t
-        pos = _store_list(y, keep, offs, seg, seg < NSEG, p * D, p * NSEG, idx_ptr, xv_ptr, cnt_ptr, SEG)
-        return keep, pos
+        _store_list(y, keep, offs, seg, seg < NSEG, p * D, p * NSEG, idx_ptr, xv_ptr, cnt_ptr, SEG)
 
     @triton.jit
     def _add_rmsnorm_kernel(h_ptr, p_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NSEG, eps,
@@ -155,8 +154,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _norm_lists_kernel(h_ptr, ss_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, D, NB, NSEG, eps,
-                           NB_P2: tl.constexpr, SEG: tl.constexpr, P_LIST: tl.constexpr, PDL: tl.constexpr = False,
-                           pf_ptr=None, pf_N=0, pf_W0=0, pf_W1=0, pf_rows=0, PF: tl.constexpr = False):
+                           NB_P2: tl.constexpr, SEG: tl.constexpr, P_LIST: tl.constexpr, PDL: tl.constexpr = False):
         """Split norm, launch 2 of 2. Program (b, s, p): rstd of row b from its NB slice sums; segment s of
         y = w * round(h * rstd) -> out (p == 0), and (P_LIST > 0, batch 1) list p's segment s."""
         _pdl_enter(PDL)
@@ -172,9 +170,7 @@ if HAVE_TRITON:
         y = _norm_scale(tl.load(h_ptr + b * D + offs, mask=m, other=0.0), rstd, w_ptr, offs, m)
         tl.store(out_ptr + b * D + offs, y, mask=m & (p == 0))
         if P_LIST > 0:
-            keep, pos = _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
-            if PF:
-                _prefetch_rows(pf_ptr, pf_N, pf_W0, pf_W1, p, offs, keep & (pos < pf_rows))
+            _list_for(y, p, t_ptr, idx_ptr, xv_ptr, cnt_ptr, D, NSEG, offs, m, seg, SEG)
 
     @triton.jit
     def _qkv_rope_cache_kernel(p_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr,
@@ -293,8 +289,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _silu_mul_kernel(p_ptr, out_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, B, I, NSEG, S: tl.constexpr,
-                         BLOCK: tl.constexpr, LIST: tl.constexpr, PDL: tl.constexpr = False,
-                         pf_ptr=None, pf_N=0, pf_W0=0, pf_W1=0, pf_rows=0, PF: tl.constexpr = False):
+                         BLOCK: tl.constexpr, LIST: tl.constexpr, PDL: tl.constexpr = False):
         """Program (b, j): channels [j*BLOCK, (j+1)*BLOCK) of row b; with LIST (batch 1) also list segment j."""
         _pdl_enter(PDL)
         b = tl.program_id(0)
@@ -316,9 +311,7 @@ if HAVE_TRITON:
         if LIST:
             t = tl.load(t_ptr + offs, mask=m, other=float("inf"))
             keep = tl.abs(y.to(tl.float32)) > t
-            pos = _store_list(y, keep, offs, seg, seg < NSEG, 0, 0, idx_ptr, xv_ptr, cnt_ptr, BLOCK)
-            if PF:
-                _prefetch_rows(pf_ptr, pf_N, pf_W0, pf_W1, 0, offs, keep & (pos < pf_rows))
+            _store_list(y, keep, offs, seg, seg < NSEG, 0, 0, idx_ptr, xv_ptr, cnt_ptr, BLOCK)
 
 
     # ------------------------------------------------------------------------------------------------------------
@@ -388,8 +381,7 @@ if HAVE_TRITON:
     @triton.jit
     def _attn_combine_list_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, H, NSP, NSEG,
                                   G: tl.constexpr, BLOCK_G: tl.constexpr, NH: tl.constexpr, D: tl.constexpr,
-                                  BLOCK_S: tl.constexpr, PDL: tl.constexpr = False,
-                                  pf_ptr=None, pf_N=0, pf_W0=0, pf_W1=0, pf_rows=0, PF: tl.constexpr = False):
+                                  BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
         """Batch 1. Program s: query heads [s*NH, (s+1)*NH), i.e. o channels [s*NH*D, (s+1)*NH*D) = list segment s
         of o's input: combines the splits, writes o and the segment's survivor list (thresholds t [1, H*D]).
         Every split's m, l and acc are loaded at once ([BLOCK_S, NH(, D)] tiles): a loop over the splits made two
@@ -417,9 +409,7 @@ if HAVE_TRITON:
         seg = s + tl.arange(0, 1)
         t = tl.load(t_ptr + of, mask=of < H * D, other=float("inf"))
         keep = tl.abs(yf.to(tl.float32)) > t
-        pos = _store_list(yf, keep, of, seg, seg < NSEG, 0, 0, idx_ptr, xv_ptr, cnt_ptr, NH * D)
-        if PF:
-            _prefetch_rows(pf_ptr, pf_N, pf_W0, pf_W1, 0, of, keep & (pos < pf_rows))
+        _store_list(yf, keep, of, seg, seg < NSEG, 0, 0, idx_ptr, xv_ptr, cnt_ptr, NH * D)
 
     @triton.jit
     def _sum_partials_kernel(p_ptr, out_ptr, M, S: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
@@ -473,22 +463,6 @@ if HAVE_TRITON:
 # ----------------------------------------------------------------------------------------------------------------
 # dispatchers
 # ----------------------------------------------------------------------------------------------------------------
-# Experimental, off: the kernel that writes a group's survivor lists also bulk-prefetches into L2 the weight rows of
-# the first L2_PREFETCH[group] survivors of each list segment, so the DRAM reads of the GEMV that walks them start
-# while the producer still runs (`_prefetch_rows`). Results are unchanged (a prefetch writes nothing).
-L2_PREFETCH = {"qkv": 0, "o": 0, "gu": 0, "down": 0}
-
-
-def _prefetch_args(lists: tuple | None) -> dict:
-    """Launch arguments of a list producer's L2 prefetch: lists[4] = (consumer weights W^T [K, N], widths, group),
-    from the engine (`Decoder._lists_for`); off when absent or L2_PREFETCH[group] is 0."""
-    if lists is None or len(lists) < 5 or not L2_PREFETCH.get(lists[4][2], 0):
-        return {}
-    wt, widths, group = lists[4]
-    w = list(widths) + [0, 0]
-    return dict(pf_ptr=wt, pf_N=wt.shape[1], pf_W0=w[0], pf_W1=w[1], pf_rows=L2_PREFETCH[group], PF=True)
-
-
 # The norm kernel: "split" = two launches of many small programs (`_add_sumsq_kernel` + `_norm_lists_kernel`),
 # "row" = the version-3 kernel, one program per row (kept for the benchmark's side-by-side rows).
 NORM_MODE = "split"
@@ -523,8 +497,7 @@ def add_rmsnorm(h: torch.Tensor, partials: torch.Tensor | None, w: torch.Tensor,
                                    num_warps=2, **pdl_kwargs(pdl))
         _norm_lists_kernel[(B, nseg, max(P, 1))](h, ss, w, out, t, idx, xv, cnt, B, D, nb, nseg, eps,
                                                  NB_P2=_np2(nb), SEG=seg, P_LIST=P,
-                                                 num_warps=4 if seg <= 1024 else 8, **pdl_kwargs(pdl),
-                                                 **_prefetch_args(lists))
+                                                 num_warps=4 if seg <= 1024 else 8, **pdl_kwargs(pdl))
         return out
     seg = lists[1] if lists is not None else _np2(D)
     ns = _np2(math.ceil(D / seg))
@@ -592,8 +565,7 @@ def silu_mul(partials: torch.Tensor, I: int, dtype: torch.dtype, lists: tuple | 
     assert lists is None or (B == 1 and t.shape == (1, I) and cnt.shape == (1, math.ceil(I / BLOCK)))
     _silu_mul_kernel[(B, math.ceil(I / BLOCK))](partials, out, t, idx, xv, cnt, B, I, math.ceil(I / BLOCK), S=S,
                                                 BLOCK=BLOCK, LIST=lists is not None,
-                                                num_warps=4 if BLOCK <= 1024 else 8, **pdl_kwargs(pdl),
-                                                **_prefetch_args(lists))
+                                                num_warps=4 if BLOCK <= 1024 else 8, **pdl_kwargs(pdl))
     return out
 
 
@@ -633,7 +605,7 @@ def attention_fused(partials: torch.Tensor, bias: torch.Tensor | None, cos: torc
     assert B == 1 and seg % D == 0 and t.shape == (1, H * D) and cnt.shape == (1, math.ceil(H * D / seg))
     _attn_combine_list_kernel[(cnt.shape[1],)](m, lsum, acc, o, t, idx, xv, cnt, H, nsp, cnt.shape[1], G=G,
                                                BLOCK_G=BG, NH=seg // D, D=D, BLOCK_S=max(2, _np2(nsp)),
-                                               num_warps=4 if seg <= 1024 else 8, **kw, **_prefetch_args(lists))
+                                               num_warps=4 if seg <= 1024 else 8, **kw)
     return o
 
 

@@ -320,21 +320,6 @@ if HAVE_TRITON:
         tl.store(idx_ptr + dst, offs, mask=keep)
         tl.store(xv_ptr + dst, y.to(tl.float32), mask=keep)
         tl.store(cnt_ptr + cbase + seg, tl.sum(k32, axis=1), mask=seg_ok)
-        return pos
-
-    @triton.jit
-    def _prefetch_rows(pf_ptr, pf_N, pf_W0, pf_W1, p, rows, ok):
-        """Experimental (`decode_ops.L2_PREFETCH`): bulk-prefetch into L2 projection p's part of weight row `rows`
-        (W^T [K, pf_N], projections of widths pf_W0, pf_W1 and the rest) wherever `ok`, so the GEMV that walks
-        these rows next finds them in L2. sm_90 `cp.async.bulk.prefetch`: no completion to wait for, no effect on
-        any result."""
-        col0 = tl.where(p >= 1, pf_W0, 0) + tl.where(p >= 2, pf_W1, 0)
-        width = tl.where(p == 0, pf_W0, tl.where(p == 1, pf_W1, pf_N - pf_W0 - pf_W1))
-        addr = (pf_ptr + (rows.to(tl.int64) * pf_N + col0)).to(tl.int64)
-        nbytes = tl.zeros(rows.shape, dtype=tl.int32) + width * (pf_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-            "=r,l,r,r", [addr, ok.to(tl.int32), nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _compact_kernel(x_ptr, t_ptr, idx_ptr, xv_ptr, cnt_ptr, K, NSEG, SEG: tl.constexpr,
@@ -469,14 +454,49 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
     scratch = torch.empty((splits * n_tiles * kr,) if (cfg.compact and not dense) else (1,), device=x.device,
                           dtype=torch.int32)
     kernel = _sparse_gemv_kernel if runner is None else runner(_sparse_gemv_kernel)
-    kernel[(n_tiles, splits)](
+    ck = kernel[(n_tiles, splits)](
         x, wt, t, out, scratch, B, K, N, x.stride(0), w[0], w[1], w[2],
         tiles[0], tiles[0] + tiles[1], n_tiles, ALIGN=_align(widths),
         KR=kr, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=chunk, BLOCK_B=block_b,
         DENSE=dense, USE_DOT=use_dot, COMPACT=cfg.compact, PREFETCH=cfg.prefetch, SKIP_ROWS=cfg.skip_rows,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
         **_trace_args("dense" if dense else "masked", (n_tiles, splits), out, K=K, N=N, B=B, BN=cfg.block_n))
+    _cap_ctas(ck, (K, N, dense))
     return out
+
+
+# Experimental, empty by default: resident CTAs per SM for the GEMV of shape (K, N, dense), capped by padding its
+# dynamic shared memory. Why: under PDL a GEMV is placed while the kernel that launched it still holds some SMs, and
+# a grid that fits on the others never reaches them (run 28: q/k/v on 108 SMs). With a cap, the CTAs that do not fit
+# wait and go to those SMs once they are free. Applied to the compiled kernel after a launch, so from the next
+# launch on (the engine's warm-up step precedes its graph capture).
+CTAS_PER_SM: dict[tuple[int, int, bool], int] = {}
+_SMEM_PER_SM = 228 * 1024  # sm_90; each CTA also takes 1 KB reserved
+_CAPPED: dict[int, tuple] = {}  # id(compiled kernel) -> the key it is capped for
+
+
+def _cap_ctas(ck, key: tuple[int, int, bool]) -> None:
+    n = CTAS_PER_SM.get(key, 0)
+    if ck is None or not hasattr(ck, "packed_metadata") or (not n and id(ck) not in _CAPPED):
+        return
+    import ctypes
+
+    orig = getattr(ck, "_wisparse_packed", None)
+    if orig is None:
+        orig = ck._wisparse_packed = tuple(ck.packed_metadata)
+    if not n:
+        if _CAPPED.get(id(ck)) == key:
+            ck.packed_metadata = orig
+            del _CAPPED[id(ck)]
+        return
+    assert _CAPPED.get(id(ck), key) == key, "two GEMV shapes share this compiled kernel; cannot cap one of them"
+    shared = max(orig[2], (_SMEM_PER_SM // n + _SMEM_PER_SM // (n + 1)) // 2 - 1024)
+    cuda = ctypes.CDLL("libcuda.so.1")
+    fn = ctypes.c_void_p(ck.function)
+    assert cuda.cuFuncSetAttribute(fn, 8, shared) == 0  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    assert cuda.cuFuncSetAttribute(fn, 9, 100) == 0  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT: max
+    ck.packed_metadata = (orig[0], orig[1], shared)
+    _CAPPED[id(ck)] = key
 
 
 def pdl_kwargs(pdl: bool) -> dict:
@@ -580,9 +600,10 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
         out = torch.empty((S, 1, N), device=wt.device, dtype=torch.float32)
     assert out.shape == (S, 1, N) and out.dtype == torch.float32 and out.is_contiguous()
     kernel = _gemv_list_kernel if runner is None else runner(_gemv_list_kernel)
-    kernel[(sum(tiles), S)](
+    ck = kernel[(sum(tiles), S)](
         idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
         SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
         R=cfg.kr // sub, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
         **_trace_args("list", (sum(tiles), S), out, K=K, N=N, B=1, BN=cfg.block_n))
+    _cap_ctas(ck, (K, N, False))
     return out
