@@ -185,7 +185,7 @@ def main(argv=None) -> None:
                     help="a variant with batch-1 GEMV configurations replaced: "
                          "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (sparse list GEMV), 'd.o=...' (dense GEMV: a dense "
                          "row), 'sub.o=R' (sub-lists), "
-                         "'sumsq=N' (the norm's first-launch block), 'cap.qkv=N' / 'dcap.o=N' (sparse / dense GEMV CTAs per SM, sparse_gemv.CTAS_PER_SM), 'dense' "
+                         "'sumsq=N' (the norm's first-launch block), 'nocap' (without sparse_gemv.CAP_CTAS), 'dense' "
                          "(a dense row); several joined by ';'")
     ap.add_argument("--trace", action="store_true",
                     help="also per-program GEMV timestamps (globaltimer) of one traced step per variant")
@@ -218,12 +218,15 @@ def main(argv=None) -> None:
         variants += [(f"dense, {mode} norm", False, None, mode, {}, None),
                      (f"uniform {a.level:.2f}, {mode} norm", True, None, mode, {}, None)]
     group_shape = engine_shapes(dec)
-    variant_caps = {}  # label -> {(K, N, dense): CTAs per SM}
+    uncapped = set()  # labels of the variants run without the CTA cap
     for spec in a.cfg:  # e.g. "o=64,512,32,4,8,1;qkv=128,512,64,4,5,1;sub.qkv=4", "d.down=64,2048,64,4,4,1"
-        over, sub, sumsq, dense, dense_row, caps = {}, {}, None, False, False, {}
+        over, sub, sumsq, dense, dense_row, nocap = {}, {}, None, False, False, False
         for part in spec.split(";"):
             if part == "dense":  # a dense row with only the other settings of this spec (e.g. sumsq)
                 dense_row = True
+                continue
+            if part == "nocap":  # the GEMVs without the PDL placement cap (sparse_gemv.CAP_CTAS)
+                nocap = True
                 continue
             g, v = part.split("=")
             if g.startswith("sub."):  # sub-lists per segment for this group
@@ -232,16 +235,14 @@ def main(argv=None) -> None:
             if g == "sumsq":  # channels per program of the norm's first launch
                 sumsq = int(v)
                 continue
-            if g.startswith("cap.") or g.startswith("dcap."):  # resident CTAs per SM of this group's GEMV
-                K, widths = group_shape[g.split(".")[1]]
-                caps[(K, sum(widths), g.startswith("d"))] = int(v)
-                continue
+
             dense = g.startswith("d.")  # a dense GEMV configuration: a dense row
             over[(g[2:] if dense else g, dense)] = config_from_spec(v, dense)
         sparse = not dense_row and (not over or any(not d for _, d in over))
         variants.append((f"{f'uniform {a.level:.2f}' if sparse else 'dense'}, config {spec}", sparse,
                          {**default_sub, **sub}, None, over, sumsq))
-        variant_caps[variants[-1][0]] = caps
+        if nocap:
+            uncapped.add(variants[-1][0])
     th = None
     first_logits = {}
     default_sumsq = dops.SUMSQ_BLOCK
@@ -253,8 +254,7 @@ def main(argv=None) -> None:
         model_mod.LIST_SUBLISTS.update(sub or default_sub)
         dops.NORM_MODE = norm or default_norm
         dops.SUMSQ_BLOCK = sumsq or default_sumsq
-        sg.CTAS_PER_SM.clear()
-        sg.CTAS_PER_SM.update(variant_caps.get(label, {}))
+        sg.CAP_CTAS = label not in uncapped
         saved = {}
         for (g, dense), cfg in over.items():
             K, widths = group_shape[g]
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
         s["sublists_per_segment"] = dict(model_mod.LIST_SUBLISTS) if sparse else None
         s["norm_mode"] = dops.NORM_MODE
         s["sumsq_block"] = dops.SUMSQ_BLOCK
-        s["ctas_per_sm"] = {str(k): v for k, v in sg.CTAS_PER_SM.items()}
+        s["cap_ctas"] = sg.CAP_CTAS
         s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
                         for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, not sparse))
                                      for g in group_shape)}
@@ -306,7 +306,7 @@ def main(argv=None) -> None:
     model_mod.LIST_SUBLISTS.update(default_sub)
     dops.NORM_MODE = default_norm
     dops.SUMSQ_BLOCK = default_sumsq
-    sg.CTAS_PER_SM.clear()
+    sg.CAP_CTAS = True
     dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]
     for label, s in res["rows"].items():
         s["speedup_vs_dense"] = s["decode_tok_s_unprofiled"] / dense_tok_s

@@ -561,6 +561,65 @@ def test_per_sm_trace_ranks_programs_by_launch_order_on_their_sm():
     assert s["rows_per_us_per_sm"] == (300 / 9.0, (400 / 8.0 + 300 / 9.0) / 2, 400 / 8.0)
 
 
+def test_cta_cap_pads_shared_memory_to_exactly_that_many_ctas_per_sm():
+    """`sparse_gemv.padded_smem` / `set_ctas_per_sm` (the PDL placement cap, CAP_CTAS): n CTAs fit on an SM and
+    n + 1 do not; the kernel's own shared memory is never cut; the cap is undone with 0."""
+    from wisparse.kernels import sparse_gemv as sg
+
+    per_sm = 228 * 1024
+    for n in range(1, 9):
+        s = sg.padded_smem(n, 8192, per_sm)
+        assert n * (s + 1024) <= per_sm < (n + 1) * (s + 1024) and s >= 8192
+    assert sg.padded_smem(2, 150_000, per_sm) == 150_000
+
+    class FakeCompiled:
+        function = 1234
+        packed_metadata = (4, 1, 20_000)
+
+    calls = []
+    ck = FakeCompiled()
+    sg.set_ctas_per_sm(ck, 3, per_sm, set_attr=lambda *a: calls.append(a))
+    assert ck.packed_metadata == (4, 1, sg.padded_smem(3, 20_000, per_sm))
+    assert [c[1] for c in calls] == [8, 9] and calls[0][2] == ck.packed_metadata[2]
+    sg.set_ctas_per_sm(ck, 0, per_sm, set_attr=lambda *a: calls.append(a))
+    assert ck.packed_metadata == (4, 1, 20_000)
+    sg.set_ctas_per_sm(ck, 3, per_sm, set_attr=lambda *a: calls.append(a))  # the attribute is already large enough
+    assert len(calls) == 2 and ck.packed_metadata[2] > 20_000
+
+
+def test_cta_cap_is_set_before_each_launch_of_a_shared_compiled_kernel(monkeypatch):
+    """`_launch_capped`: a compiled kernel that serves two launches with different caps is launched with each one's
+    own shared memory size (a graph capture records it per launch); the first launch runs as compiled."""
+    from wisparse.kernels import sparse_gemv as sg
+
+    class FakeCompiled:
+        function = 1
+        packed_metadata = (4, 1, 1000)
+
+    ck, seen = FakeCompiled(), []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid, ck.packed_metadata[2]))
+                return ck
+            return launch
+
+    per_sm = 228 * 1024
+    monkeypatch.setattr(sg, "_cu_set_attr", lambda *a: None)
+    monkeypatch.setattr(sg, "_LAUNCHED", {})
+    monkeypatch.setattr(sg, "_sm_info", lambda device: (132, per_sm))  # an H200
+    dev = torch.device("cuda", 0)  # only its type is read
+    for grid, key in (((384,), "a"), ((256,), "b"), ((384,), "a"), ((256,), "b"), ((384,), "a")):
+        sg._launch_capped(FakeKernel(), grid, (key,), dev, True)
+    three, two = sg.padded_smem(3, 1000, per_sm), sg.padded_smem(2, 1000, per_sm)
+    assert [s for _, s in seen] == [1000, three, three, two, three]
+    monkeypatch.setattr(sg, "CAP_CTAS", False)  # switched off: launched as compiled from the next launch on
+    for _ in range(2):
+        sg._launch_capped(FakeKernel(), (384,), ("a",), dev, True)
+    assert seen[-1][1] == 1000
+
+
 def test_sass_loop_counter_finds_the_longest_backward_branch():
     from wisparse.kernels.aot import loop_instructions
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import ops as kops
+from ..kernels import sparse_gemv as sg
 from ..kernels.sparse_gemv import (GemvConfig, default_config, is_listed, launch_compact, launch_gemv_list,
                                    launch_sparse_gemv, num_splits)
 
@@ -376,7 +377,8 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
     t_start = time.time()
     left = lambda: budget_s - (time.time() - t_start)  # noqa: E731
     res = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "python": platform.python_version(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())},
+                   "python": platform.python_version(), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                   "cap_ctas_under_pdl": sg.CAP_CTAS},
            "protocol": {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup_runs": 1,
                         "statistic": "median over runs of (new_tokens-1)/decode time; the first token comes from "
                                      "the prefill, which is timed separately",
@@ -902,7 +904,8 @@ def markdown(res: dict) -> str:
          f"torch {e['torch']}, triton {e['triton']}, {e['date_utc']} UTC. Measured copy bandwidth "
          f"{res.get('copy_tbps', float('nan')):.2f} TB/s (bytes read + written). Kernel check vs float64: "
          f"{kc['cases']} random cases, worst relative error {kc['worst_rel_err']:.1e}, "
-         f"{len(kc['failures'])} failures.", "",
+         f"{len(kc['failures'])} failures. GEMV CTAs per SM capped under PDL (`sparse_gemv.CAP_CTAS`): "
+         f"{e.get('cap_ctas_under_pdl', False)}.", "",
          "Protocol: " + "; ".join(f"{k}: {v}" for k, v in res["protocol"].items()), "",
          "## Decode tokens/s (batch rows; tokens/s per row)", "",
          "| model | B | context | config | nominal | realised | tok/s | x dense | dense tok/s (path) | prefill ms |",

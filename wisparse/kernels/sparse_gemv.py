@@ -454,49 +454,92 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
     scratch = torch.empty((splits * n_tiles * kr,) if (cfg.compact and not dense) else (1,), device=x.device,
                           dtype=torch.int32)
     kernel = _sparse_gemv_kernel if runner is None else runner(_sparse_gemv_kernel)
-    ck = kernel[(n_tiles, splits)](
+    _launch_capped(
+        kernel, (n_tiles, splits), ("gemv", K, N, B, dense, cfg, tuple(widths), x.dtype), x.device, pdl,
         x, wt, t, out, scratch, B, K, N, x.stride(0), w[0], w[1], w[2],
         tiles[0], tiles[0] + tiles[1], n_tiles, ALIGN=_align(widths),
         KR=kr, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNK=chunk, BLOCK_B=block_b,
         DENSE=dense, USE_DOT=use_dot, COMPACT=cfg.compact, PREFETCH=cfg.prefetch, SKIP_ROWS=cfg.skip_rows,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
         **_trace_args("dense" if dense else "masked", (n_tiles, splits), out, K=K, N=N, B=B, BN=cfg.block_n))
-    _cap_ctas(ck, (K, N, dense))
     return out
 
 
-# Experimental, empty by default: resident CTAs per SM for the GEMV of shape (K, N, dense), capped by padding its
-# dynamic shared memory. Why: under PDL a GEMV is placed while the kernel that launched it still holds some SMs, and
-# a grid that fits on the others never reaches them (run 28: q/k/v on 108 SMs). With a cap, the CTAs that do not fit
-# wait and go to those SMs once they are free. Applied to the compiled kernel after a launch, so from the next
-# launch on (the engine's warm-up step precedes its graph capture).
-CTAS_PER_SM: dict[tuple[int, int, bool], int] = {}
-_SMEM_PER_SM = 228 * 1024  # sm_90; each CTA also takes 1 KB reserved
-_CAPPED: dict[int, tuple] = {}  # id(compiled kernel) -> the key it is capped for
+# Under PDL (the decode step) a GEMV's resident CTAs per SM are capped at ceil(grid / SMs), by padding its dynamic
+# shared memory. Why: the GEMV is placed while the kernel that launched it still holds some SMs (its programs are
+# past their own PDL trigger), and a grid that fits on the other SMs never reaches those (trace, run 28: q/k/v's 384
+# programs on 108 SMs, 24 SMs idle for the whole GEMV). With the cap, the programs that do not fit wait and go to
+# those SMs as soon as they are free, while the others are still resident early (a later trigger loses that,
+# run 34). Measured in the decode step (run 39): q/k/v and o on 128-129 SMs, -1.0 and -0.7 us per layer; where the
+# grid already spreads (gate/up, down, the lm_head) the cap changes nothing.
+CAP_CTAS = True
+_SM_INFO: dict[int, tuple[int, int]] = {}  # device index -> (SMs, shared memory per SM in bytes)
+_LAUNCHED: dict[tuple, object] = {}  # launch key -> its compiled kernel (from the first launch)
 
 
-def _cap_ctas(ck, key: tuple[int, int, bool]) -> None:
-    n = CTAS_PER_SM.get(key, 0)
-    if ck is None or not hasattr(ck, "packed_metadata") or (not n and id(ck) not in _CAPPED):
-        return
+def padded_smem(ctas: int, own: int, smem_per_sm: int, reserved: int = 1024) -> int:
+    """Dynamic shared memory per CTA that lets `ctas` CTAs share an SM but not ctas + 1 (never below `own`, the
+    kernel's own need); each CTA also takes `reserved` bytes."""
+    between = (smem_per_sm // ctas + smem_per_sm // (ctas + 1)) // 2 - reserved
+    return max(own, between)
+
+
+def _cu_set_attr(function: int, attr: int, value: int) -> None:
     import ctypes
 
+    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(function), attr, value)
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute({attr}, {value}) failed with CUDA error {rc}")
+
+
+def set_ctas_per_sm(ck, ctas: int, smem_per_sm: int, set_attr=None) -> None:
+    """Launch the compiled kernel `ck` (its next launches) with at most `ctas` CTAs per SM (0: as compiled).
+    set_attr(function, attribute, value): cuFuncSetAttribute (replaceable for tests)."""
+    set_attr = set_attr or _cu_set_attr
     orig = getattr(ck, "_wisparse_packed", None)
     if orig is None:
         orig = ck._wisparse_packed = tuple(ck.packed_metadata)
-    if not n:
-        if _CAPPED.get(id(ck)) == key:
-            ck.packed_metadata = orig
-            del _CAPPED[id(ck)]
+    if not ctas:
+        ck.packed_metadata = orig
         return
-    assert _CAPPED.get(id(ck), key) == key, "two GEMV shapes share this compiled kernel; cannot cap one of them"
-    shared = max(orig[2], (_SMEM_PER_SM // n + _SMEM_PER_SM // (n + 1)) // 2 - 1024)
-    cuda = ctypes.CDLL("libcuda.so.1")
-    fn = ctypes.c_void_p(ck.function)
-    assert cuda.cuFuncSetAttribute(fn, 8, shared) == 0  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    assert cuda.cuFuncSetAttribute(fn, 9, 100) == 0  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT: max
+    shared = padded_smem(ctas, orig[2], smem_per_sm)
+    if shared != orig[2] and getattr(ck, "_wisparse_max_shared", 0) < shared:
+        set_attr(ck.function, 8, shared)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        set_attr(ck.function, 9, 100)  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT: all shared memory
+        ck._wisparse_max_shared = shared
     ck.packed_metadata = (orig[0], orig[1], shared)
-    _CAPPED[id(ck)] = key
+
+
+def _ctas_cap(device: torch.device, grid: tuple, pdl: bool) -> tuple[int, int]:
+    """(CTAs per SM, shared memory per SM) for a launch: the cap under PDL, else (0, 0)."""
+    if not (pdl and CAP_CTAS and device.type == "cuda"):
+        return 0, 0
+    sms, smem = _sm_info(device)
+    return math.ceil(math.prod(grid) / sms), smem
+
+
+def _sm_info(device: torch.device) -> tuple[int, int]:
+    """(SMs, shared memory per SM in bytes: the per-block opt-in maximum + the 1 KB each block reserves)."""
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_INFO:
+        props = triton.runtime.driver.active.utils.get_device_properties(i)
+        _SM_INFO[i] = (props["multiprocessor_count"], props["max_shared_mem"] + 1024)
+    return _SM_INFO[i]
+
+
+def _launch_capped(kernel, grid: tuple, key: tuple, device: torch.device, pdl: bool, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), with the CTA cap (`CAP_CTAS`) set on its compiled kernel before the launch:
+    the same compiled kernel may serve launches with different grids, and a graph capture records each launch's
+    shared memory size as it is at that launch."""
+    ctas, smem = _ctas_cap(device, grid, pdl)
+    key = (*key, pdl, TRACE is not None, device)  # what else selects the compiled kernel
+    ck = _LAUNCHED.get(key)
+    if ck is not None:
+        set_ctas_per_sm(ck, ctas, smem)
+    ck = kernel[grid](*args, **kwargs)
+    if key not in _LAUNCHED and hasattr(ck, "packed_metadata"):
+        _LAUNCHED[key] = ck
+        set_ctas_per_sm(ck, ctas, smem)  # the first launch ran as compiled; the next ones are capped
 
 
 def pdl_kwargs(pdl: bool) -> dict:
@@ -600,10 +643,10 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
         out = torch.empty((S, 1, N), device=wt.device, dtype=torch.float32)
     assert out.shape == (S, 1, N) and out.dtype == torch.float32 and out.is_contiguous()
     kernel = _gemv_list_kernel if runner is None else runner(_gemv_list_kernel)
-    ck = kernel[(sum(tiles), S)](
+    _launch_capped(
+        kernel, (sum(tiles), S), ("list", K, N, cfg, sub, tuple(widths), wt.dtype), wt.device, pdl,
         idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
         SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
         R=cfg.kr // sub, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
         **_trace_args("list", (sum(tiles), S), out, K=K, N=N, B=1, BN=cfg.block_n))
-    _cap_ctas(ck, (K, N, False))
     return out
