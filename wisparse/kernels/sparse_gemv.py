@@ -536,10 +536,10 @@ def _launch_capped(kernel, grid: tuple, key: tuple, device: torch.device, pdl: b
     ck = _LAUNCHED.get(key)
     if ck is not None:
         set_ctas_per_sm(ck, ctas, smem)
-    ck = kernel[grid](*args, **kwargs)
-    if key not in _LAUNCHED and hasattr(ck, "packed_metadata"):
-        _LAUNCHED[key] = ck
-        set_ctas_per_sm(ck, ctas, smem)  # the first launch ran as compiled; the next ones are capped
+    launched = kernel[grid](*args, **kwargs)
+    if launched is not ck and hasattr(launched, "packed_metadata"):  # first launch of this key (as compiled)
+        _LAUNCHED[key] = launched
+        set_ctas_per_sm(launched, ctas, smem)  # capped from its next launch on
 
 
 def pdl_kwargs(pdl: bool) -> dict:
