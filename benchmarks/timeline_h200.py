@@ -235,7 +235,6 @@ def main(argv=None) -> None:
             if g == "sumsq":  # channels per program of the norm's first launch
                 sumsq = int(v)
                 continue
-
             dense = g.startswith("d.")  # a dense GEMV configuration: a dense row
             over[(g[2:] if dense else g, dense)] = config_from_spec(v, dense)
         sparse = not dense_row and (not over or any(not d for _, d in over))
