@@ -475,9 +475,10 @@ def launch_sparse_gemv(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, width
 CAP_CTAS = True
 _SM_INFO: dict[int, tuple[int, int]] = {}  # device index -> (SMs, shared memory per SM in bytes)
 _LAUNCHED: dict[tuple, object] = {}  # launch key -> its compiled kernel (from the first launch)
+_CTA_RESERVED_SMEM = 1024  # shared memory the hardware reserves per CTA (sm_80+)
 
 
-def padded_smem(ctas: int, own: int, smem_per_sm: int, reserved: int = 1024) -> int:
+def padded_smem(ctas: int, own: int, smem_per_sm: int, reserved: int = _CTA_RESERVED_SMEM) -> int:
     """Dynamic shared memory per CTA that lets `ctas` CTAs share an SM but not ctas + 1 (never below `own`, the
     kernel's own need); each CTA also takes `reserved` bytes."""
     between = (smem_per_sm // ctas + smem_per_sm // (ctas + 1)) // 2 - reserved
@@ -519,11 +520,11 @@ def _ctas_cap(device: torch.device, grid: tuple, pdl: bool) -> tuple[int, int]:
 
 
 def _sm_info(device: torch.device) -> tuple[int, int]:
-    """(SMs, shared memory per SM in bytes: the per-block opt-in maximum + the 1 KB each block reserves)."""
+    """(SMs, shared memory per SM in bytes: the per-block opt-in maximum + the reserve of one block)."""
     i = device.index if device.index is not None else torch.cuda.current_device()
     if i not in _SM_INFO:
         props = triton.runtime.driver.active.utils.get_device_properties(i)
-        _SM_INFO[i] = (props["multiprocessor_count"], props["max_shared_mem"] + 1024)
+        _SM_INFO[i] = (props["multiprocessor_count"], props["max_shared_mem"] + _CTA_RESERVED_SMEM)
     return _SM_INFO[i]
 
 
