@@ -185,8 +185,7 @@ def main(argv=None) -> None:
                     help="a variant with batch-1 GEMV configurations replaced: "
                          "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (sparse list GEMV), 'd.o=...' (dense GEMV: a dense "
                          "row), 'sub.o=R' (sub-lists), "
-                         "'sumsq=N' (the norm's first-launch block), 'nocap' (without sparse_gemv.CAP_CTAS), 'nofull' "
-                         "(without sparse_gemv.FULL_SEGMENTS), 'dense' "
+                         "'sumsq=N' (the norm's first-launch block), 'nocap' (without sparse_gemv.CAP_CTAS), 'dense' "
                          "(a dense row); several joined by ';'")
     ap.add_argument("--trace", action="store_true",
                     help="also per-program GEMV timestamps (globaltimer) of one traced step per variant")
@@ -219,18 +218,15 @@ def main(argv=None) -> None:
         variants += [(f"dense, {mode} norm", False, None, mode, {}, None),
                      (f"uniform {a.level:.2f}, {mode} norm", True, None, mode, {}, None)]
     group_shape = engine_shapes(dec)
-    uncapped, unfull = set(), set()  # labels of the variants run without the CTA cap / the full-segment walk
+    uncapped = set()  # labels of the variants run without the CTA cap
     for spec in a.cfg:  # e.g. "o=64,512,32,4,8,1;qkv=128,512,64,4,5,1;sub.qkv=4", "d.down=64,2048,64,4,4,1"
-        over, sub, sumsq, dense, dense_row, nocap, nofull = {}, {}, None, False, False, False, False
+        over, sub, sumsq, dense, dense_row, nocap = {}, {}, None, False, False, False
         for part in spec.split(";"):
             if part == "dense":  # a dense row with only the other settings of this spec (e.g. sumsq)
                 dense_row = True
                 continue
             if part == "nocap":  # the GEMVs without the PDL placement cap (sparse_gemv.CAP_CTAS)
                 nocap = True
-                continue
-            if part == "nofull":  # list GEMVs without the full-segment walk (sparse_gemv.FULL_SEGMENTS)
-                nofull = True
                 continue
             g, v = part.split("=")
             if g.startswith("sub."):  # sub-lists per segment for this group
@@ -246,8 +242,6 @@ def main(argv=None) -> None:
                          {**default_sub, **sub}, None, over, sumsq))
         if nocap:
             uncapped.add(variants[-1][0])
-        if nofull:
-            unfull.add(variants[-1][0])
     th = None
     first_logits = {}
     default_sumsq = dops.SUMSQ_BLOCK
@@ -260,7 +254,6 @@ def main(argv=None) -> None:
         dops.NORM_MODE = norm or default_norm
         dops.SUMSQ_BLOCK = sumsq or default_sumsq
         sg.CAP_CTAS = label not in uncapped
-        sg.FULL_SEGMENTS = label not in unfull
         saved = {}
         for (g, dense), cfg in over.items():
             K, widths = group_shape[g]
@@ -290,7 +283,6 @@ def main(argv=None) -> None:
         s["norm_mode"] = dops.NORM_MODE
         s["sumsq_block"] = dops.SUMSQ_BLOCK
         s["cap_ctas"] = sg.CAP_CTAS
-        s["full_segments"] = sg.FULL_SEGMENTS
         s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
                         for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, not sparse))
                                      for g in group_shape)}
@@ -314,7 +306,6 @@ def main(argv=None) -> None:
     dops.NORM_MODE = default_norm
     dops.SUMSQ_BLOCK = default_sumsq
     sg.CAP_CTAS = True
-    sg.FULL_SEGMENTS = True
     dense_tok_s = res["rows"]["dense"]["decode_tok_s_unprofiled"]
     for label, s in res["rows"].items():
         s["speedup_vs_dense"] = s["decode_tok_s_unprofiled"] / dense_tok_s

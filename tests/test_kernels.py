@@ -216,29 +216,6 @@ INTERP = textwrap.dedent("""
         launch_gemv_list(*launch_compact(x, t, sub), wt, widths, cfg, out=out, sub=sub)
         ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
         worst = max(worst, ((out.sum(0).double() - ref).norm() / ref.norm()).item())
-    # segments that dropped nothing (thresholds -1: every channel kept) next to ones that did: the full-segment walk
-    # (no index loads) gives the list walk's partials bitwise, with sub-lists, split parts and a partial last segment
-    import wisparse.kernels.sparse_gemv as sgm
-    full_ok = True
-    for (K, widths, seg, sub, split, bn, bk) in ((700, [48], 256, 64, 2, 16, 32), (300, [32, 16], 128, 128, 1, 16, 16)):
-        N = sum(widths)
-        gf = torch.Generator().manual_seed(K)  # own generator: the global random stream below stays as it was
-        x = torch.randn(1, K, generator=gf).to(torch.float16)
-        wt = torch.randn(K, N, generator=gf).to(torch.float16)
-        t = torch.rand(len(widths), K, generator=gf) * 1.5
-        t[:, :seg] = -1.0  # segment 0 full in every projection
-        t[0, (K // seg) * seg:] = -1.0  # the partial last segment full in projection 0
-        cfg = GemvConfig(block_n=bn, kr=seg, block_k=bk, listed=True, split=split)
-        outs = []
-        for full in (True, False):
-            sgm.FULL_SEGMENTS = full
-            outs.append(torch.full((num_splits(K, N, 1, cfg), 1, N), float("nan")))
-            launch_gemv_list(*launch_compact(x, t, sub), wt, widths, cfg, out=outs[-1], sub=sub)
-        sgm.FULL_SEGMENTS = True
-        ref = reference_sparse_gemv(x.double(), wt.double(), t.double(), widths, dtype=torch.float64)
-        full_ok &= torch.equal(outs[0], outs[1])
-        worst = max(worst, ((outs[0].sum(0).double() - ref).norm() / ref.norm()).item())
-    lists_ok &= full_ok
     pp = torch.randn(3, 2, 1500)
     ops._use_triton = lambda _: True
     e.append((ops.sum_partials(pp, torch.float32) - pp.sum(0)).abs().max().item())
@@ -407,34 +384,6 @@ def test_gpu_pdl_launches_match_float64():
             sub = cfg.kr // 4
             out_sub = launch_gemv_list(*launch_compact(x, t, sub, pdl=True), wt, widths, cfg, pdl=True, sub=sub)
             assert torch.equal(out_sub, outs[0])
-
-
-@pytest.mark.gpu
-def test_gpu_full_segments_walk_without_lists_bitwise():
-    """Segments that dropped nothing are walked from the loop index (no index loads): the partials equal the list
-    walk's bitwise, at 0% everywhere and with full and sparse segments mixed, with sub-lists and split parts."""
-    import wisparse.kernels.sparse_gemv as sgm
-    from wisparse.kernels.sparse_gemv import launch_compact, launch_gemv_list
-
-    for c, (K, widths, cfg, sub) in enumerate((
-            (4096, [14336], GemvConfig(block_n=128, kr=4096, block_k=64, num_stages=5, listed=True, split=2), 4096),
-            (14336, [4096], GemvConfig(block_n=128, kr=2048, block_k=32, num_stages=8, listed=True), 512),
-            (4096, [4096, 1024, 1024], GemvConfig(block_n=64, kr=1024, block_k=64, num_stages=5, listed=True), 512),
-            (3000, [512], GemvConfig(block_n=256, kr=2048, block_k=32, num_stages=6, listed=True, split=2), 512))):
-        x, wt, t = _case(K, widths, 1, 0.5, torch.bfloat16, device="cuda", seed=c)
-        for zero in (slice(None), slice(0, cfg.kr), slice(K - (K % cfg.kr or cfg.kr), K)):
-            tt = t.clone()
-            tt[:, zero] = -1.0
-            outs = []
-            for full in (True, False):
-                sgm.FULL_SEGMENTS = full
-                try:
-                    outs.append(launch_gemv_list(*launch_compact(x, tt, sub), wt, widths, cfg, sub=sub))
-                finally:
-                    sgm.FULL_SEGMENTS = True
-            assert torch.equal(outs[0], outs[1])
-            ref = _ref64(x, wt, tt, widths)
-            assert ((outs[0].sum(0).double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
 @pytest.mark.gpu

@@ -358,13 +358,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _list_walk(idx_ptr, xv_ptr, lbase, lo, hi, w_ptr, N, cols, cmask, i0, i1, i2, g0, g1, g2,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr, full=0, k0=0):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
         """Sum over list entries [lo, hi) at lbase of xv * W[idx, cols], as row 0 of a [16, BLOCK_N] fp32 tile (the
         tensor-core dot's minimum height; the other rows are zeros). The index, value and weight-row loads do not
         depend on earlier iterations, so Triton pipelines them num_stages deep.
         R > 1 (2 or 4): the list is R sub-lists (see `_sub_counts`): position j sits at slot j + the unused tails of
-        the sub-lists before it (those whose inclusive prefix is <= j). full != 0: the list is k0, k0 + 1, ... (every
-        channel kept), so its index loads are skipped."""
+        the sub-lists before it (those whose inclusive prefix is <= j)."""
         jj = tl.arange(0, BLOCK_K)
         first = (tl.arange(0, 16) == 0)[:, None]
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
@@ -376,8 +375,7 @@ if HAVE_TRITON:
                 slot += tl.where(j >= i0, g0, 0)
             if R > 2:
                 slot += tl.where(j >= i1, g1, 0) + tl.where(j >= i2, g2, 0)
-            k = tl.load(idx_ptr + lbase + slot, mask=valid & (full == 0), other=0)
-            k = tl.where(full == 0, k, k0 + j)
+            k = tl.load(idx_ptr + lbase + slot, mask=valid, other=0)
             xv = tl.load(xv_ptr + lbase + slot, mask=valid, other=0.0)
             w = tl.load(w_ptr + k[:, None] * N + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
             acc += tl.dot(tl.where(first, xv[None, :], 0.0).to(w.dtype), w)
@@ -394,13 +392,11 @@ if HAVE_TRITON:
         idx_ptr, xv_ptr, cnt_ptr, w_ptr, out_ptr,
         K, N, NSUB, W0, W1, W2, T1, T2,
         SEG: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
-        R: tl.constexpr = 1, FULL: tl.constexpr = True, PDL: tl.constexpr = False, trace_ptr=None,
-        TRACE: tl.constexpr = False,
+        R: tl.constexpr = 1, PDL: tl.constexpr = False, trace_ptr=None, TRACE: tl.constexpr = False,
     ):
         """Program (n, s): columns of tile n, part s % SPLIT of list segment s // SPLIT (SEG channels, written as R
         in (1, 2, 4) sub-lists of SEG / R channels; NSUB sub-lists per projection). Its loop runs
-        ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity. FULL: a segment with no
-        channel dropped takes its weight rows' addresses from the loop index instead of its list (same result)."""
+        ceil(survivors / SPLIT / BLOCK_K) times: work and latency chain shrink with sparsity."""
         t0, t1 = _enter_traced(PDL, TRACE)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -414,18 +410,11 @@ if HAVE_TRITON:
         lo, hi = _list_part(c, pid_s % SPLIT, SPLIT, BLOCK_K)
         if TRACE:
             t2 = _clock(hi)
-        # FULL: a segment that dropped nothing (0% sparsity) is walked without index loads: its channels are k0 + j
-        full = (c == tl.minimum(SEG, K - seg * SEG)) & FULL
         acc = _list_walk(idx_ptr, xv_ptr, p * K + seg * SEG, lo, hi, w_ptr, N, cols, cmask, i0, i1, i2, g0, g1, g2,
-                         BLOCK_N, BLOCK_K, R, full.to(tl.int32), seg * SEG)
+                         BLOCK_N, BLOCK_K, R)
         if TRACE:
             _trace_store(trace_ptr, t0, t1, t2, _clock(tl.sum(acc).to(tl.int32)), hi - lo)
         _store_row0(out_ptr + pid_s * N, cols, cmask, acc)
-
-
-# a list segment that dropped nothing is walked without its index loads (`_gemv_list_kernel`'s FULL); off: always
-# through the list (for side-by-side measurement)
-FULL_SEGMENTS = True
 
 
 def _align(widths: list[int]) -> int:
@@ -656,9 +645,9 @@ def launch_gemv_list(idx: torch.Tensor, xv: torch.Tensor, cnt: torch.Tensor, wt:
     assert out.shape == (S, 1, N) and out.dtype == torch.float32 and out.is_contiguous()
     kernel = _gemv_list_kernel if runner is None else runner(_gemv_list_kernel)
     _launch_capped(
-        kernel, (sum(tiles), S), ("list", K, N, cfg, sub, tuple(widths), wt.dtype, FULL_SEGMENTS), wt.device, pdl,
+        kernel, (sum(tiles), S), ("list", K, N, cfg, sub, tuple(widths), wt.dtype), wt.device, pdl,
         idx, xv, cnt, wt, out, K, N, cnt.shape[1], w[0], w[1], w[2], tiles[0], tiles[0] + tiles[1],
         SEG=cfg.kr, SPLIT=cfg.split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ALIGN=_align(widths),
-        R=cfg.kr // sub, FULL=FULL_SEGMENTS, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
+        R=cfg.kr // sub, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(pdl),
         **_trace_args("list", (sum(tiles), S), out, K=K, N=N, B=1, BN=cfg.block_n))
     return out
