@@ -19,30 +19,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "results", "decode_h200_run10.json")
 OUT = os.path.join(HERE, "results", "configs_loop_tuned.json")
 TABLE = os.path.join(HERE, "..", "wisparse", "kernels", "tuned_sm90.json")  # installed by Decoder on sm_90 GPUs
-# key -> (block_n, kr, block_k, warps, stages, dot, compact, prefetch, listed, split)
+# key -> (session, [block_n, kr, block_k, warps, stages, dot, compact, prefetch, listed, split])
 LOOP_TUNED = {
     # sparse (list GEMVs), runs 17-19
-    "4096x6144x3|1|0": [64, 1024, 64, 4, 5, True, False, False, True, 1],  # q|k|v: run 10 had 128, 1024, ..., split 2
-    "4096x4096x1|1|0": [64, 1024, 64, 4, 5, True, False, False, True, 1],  # o: run 10 had 64, 512, ...
+    "4096x6144x3|1|0": (7, [64, 1024, 64, 4, 5, True, False, False, True, 1]),  # q|k|v: run 10 had 128, 1024, split 2
+    "4096x4096x1|1|0": (7, [64, 1024, 64, 4, 5, True, False, False, True, 1]),  # o: run 10 had 64, 512, ...
     # down, runs 43-44: 512-byte row pieces in two parts per segment; equal in the step (347.7 against 347.3, run 43),
     # faster alone in a graph (18.9 against 19.4 us at 50%, 31.0 against 31.8 at 0%, run 44); run 10 had 128, ...
-    "14336x4096x1|1|0": [256, 2048, 32, 4, 6, True, False, False, True, 2],
+    "14336x4096x1|1|0": (10, [256, 2048, 32, 4, 6, True, False, False, True, 2]),
     # dense, runs 21-22 (the baseline gets the same treatment): down with 7 partials instead of 28 (the next norm
     # sums them), q|k|v and o with 4 instead of 8: 226.6 -> 234.8 tok/s in the same timeline run
-    "14336x4096x1|1|1": [128, 2048, 64, 4, 3, True, False, False],  # down: run 10 had 64, 512, 64, 4, 4
-    "4096x6144x3|1|1": [64, 1024, 64, 4, 3, True, False, False],    # q|k|v: run 10 had 128, 512, 64, 4, 3
-    "4096x4096x1|1|1": [64, 1024, 64, 4, 4, True, False, False],    # o: run 10 had 64, 512, 64, 4, 4
+    "14336x4096x1|1|1": (7, [128, 2048, 64, 4, 3, True, False, False]),  # down: run 10 had 64, 512, 64, 4, 4
+    "4096x6144x3|1|1": (7, [64, 1024, 64, 4, 3, True, False, False]),    # q|k|v: run 10 had 128, 512, 64, 4, 3
+    "4096x4096x1|1|1": (7, [64, 1024, 64, 4, 4, True, False, False]),    # o: run 10 had 64, 512, 64, 4, 4
 }
-
-SESSION_10 = {"14336x4096x1|1|0"}
-
 
 def main() -> None:
     with open(SOURCE) as f:
         run10 = json.load(f)
     configs = dict(run10["configs"])
-    for key, cfg in LOOP_TUNED.items():
-        configs[key] = {"config": cfg, "from": f"decode-loop timeline, session {10 if key in SESSION_10 else 7}",
+    for key, (session, cfg) in LOOP_TUNED.items():
+        configs[key] = {"config": cfg, "from": f"decode-loop timeline, session {session}",
                         "replaces": configs[key]["config"]}
     out = {"configs": configs, "env": {"date_utc": run10["env"]["date_utc"]},
            "note": f"{os.path.relpath(SOURCE, HERE)} with batch-1 GEMVs tuned in the decode loop, sparse and dense"}
