@@ -11,7 +11,9 @@ one replay) and timeline.md (per kernel kind: count per token, mean duration, me
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -30,6 +32,7 @@ from wisparse.engine.model import Decoder  # noqa: E402
 from wisparse.kernels import decode_ops as dops  # noqa: E402
 from wisparse.kernels import ops as kops  # noqa: E402
 from wisparse.kernels import sparse_gemv as sg  # noqa: E402
+from wisparse.kernels.sparse_gemv import launch_sparse_gemv  # noqa: E402
 
 GEMV_NAMES = ("_gemv_list_kernel", "_sparse_gemv_kernel", "_fused_mlp")
 
@@ -167,6 +170,23 @@ def print_trace(rows: list[dict]) -> None:
               f"{r['sms_used']:3.0f}/{r['programs_per_sm_max']:.0f}")
 
 
+def oracle_gemv(keep: float):
+    """A bound on any sparse GEMV in this loop, as a `Decoder._gemv` replacement: the dense kernel (its tuned
+    configuration, same grid, same number of partials) over only the first S * round(keep * kr) rows of the weight
+    and input, i.e. exactly the bytes a sparse GEMV at keep fraction must read, laid out contiguously and known in
+    advance (no lists, no index loads). The numbers it computes are meaningless; its time is not, since the dense
+    path's time does not depend on the values. Survivor lists written by the sparse row's producers are ignored."""
+    def gemv(i, gname, g, x, lists=None, pdl=False):
+        K, N = g.wt.shape
+        cfg = kops.get_config(K, N, x.shape[0], True)
+        splits = math.ceil(K / cfg.kr)
+        kr = max(1, round(keep * cfg.kr))
+        rows = splits * kr
+        return launch_sparse_gemv(x[:, :rows], g.wt[:rows], g.t, g.widths, dense=True,
+                                  config=dataclasses.replace(cfg, kr=kr, chunk=min(cfg.chunk, kr)), pdl=pdl)
+    return gemv
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -187,6 +207,10 @@ def main(argv=None) -> None:
                          "row), 'sub.o=R' (sub-lists), "
                          "'sumsq=N' (the norm's first-launch block), 'nocap' (without sparse_gemv.CAP_CTAS), 'dense' "
                          "(a dense row); several joined by ';'")
+    ap.add_argument("--oracle", default="",
+                    help="more rows, e.g. '0.484,0.5': each layer GEMV replaced by the dense kernel over a contiguous "
+                         "keep fraction of its rows (`oracle_gemv`), with the dense row's other kernels and with the "
+                         "sparse row's (list-writing) ones")
     ap.add_argument("--trace", action="store_true",
                     help="also per-program GEMV timestamps (globaltimer) of one traced step per variant")
     ap.add_argument("--out", required=True)
@@ -242,6 +266,12 @@ def main(argv=None) -> None:
                          {**default_sub, **sub}, None, over, sumsq))
         if nocap:
             uncapped.add(variants[-1][0])
+    oracles = {}  # label -> keep fraction
+    for keep in filter(None, a.oracle.split(",")):
+        for sparse in (False, True):
+            label = f"oracle keep {float(keep):.3f}, {'sparse' if sparse else 'dense'} small kernels"
+            variants.append((label, sparse, None, None, {}, None))
+            oracles[label] = float(keep)
     th = None
     first_logits = {}
     default_sumsq = dops.SUMSQ_BLOCK
@@ -259,13 +289,15 @@ def main(argv=None) -> None:
             K, widths = group_shape[g]
             saved[(g, dense)] = kops.get_config(K, sum(widths), 1, dense)
             kops.set_config(K, sum(widths), 1, dense, cfg)
+        if label in oracles:
+            dec._gemv = oracle_gemv(oracles[label])
         gen.graph = None
         speed = time_decode(gen, prompt, 256, 2)
         toks = speed.pop("tokens")
         gen.prefill(prompt)
         gen.replay()  # the first decode step's logits, against the first row of the same sparsity (rounding only)
         first = gen.logits.float().clone()
-        ref = first_logits.setdefault(sparse, first)
+        ref = first_logits.setdefault(sparse, first) if label not in oracles else first
         rel = ((first - ref).norm() / ref.norm()).item()
         gen.prefill(prompt)
         gen.decode(16)  # position ~144: the attention reads a context like the benchmark's middle
@@ -286,13 +318,16 @@ def main(argv=None) -> None:
         s["configs"] = {g: list(map(str, (c.block_n, c.kr, c.block_k, c.num_warps, c.num_stages, c.split)))
                         for g, c in ((g, kops.get_config(group_shape[g][0], sum(group_shape[g][1]), 1, not sparse))
                                      for g in group_shape)}
-        if a.trace:  # before the configurations are restored
+        if a.trace and label not in oracles:  # before the configurations are restored
             buf, log = traced_step(gen, prompt)
             s["trace"] = trace_summary(buf, log)
             s["trace_raw"] = trace_raw(buf, log)
         for (g, dense), cfg in saved.items():
             K, widths = group_shape[g]
             kops.set_config(K, sum(widths), 1, dense, cfg)
+        if label in oracles:
+            del dec._gemv  # back to the class's method
+            s["oracle_keep"] = oracles[label]
         res["rows"][label] = s
         print(f"{label}: {speed['tok_s']:.1f} tok/s unprofiled ({1e6 / speed['tok_s']:.0f} us/token); profiled "
               f"steps {', '.join(f'{x:.0f}' for x in s['step_us_all'])} us; {s['kernels_per_token']} kernels; "
