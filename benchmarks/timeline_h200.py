@@ -172,16 +172,16 @@ def print_trace(rows: list[dict]) -> None:
 
 def oracle_gemv(keep: float):
     """A bound on any sparse GEMV in this loop, as a `Decoder._gemv` replacement: the dense kernel (its tuned
-    configuration, same grid, same number of partials) over only the first S * round(keep * kr) rows of the weight
-    and input, i.e. exactly the bytes a sparse GEMV at keep fraction must read, laid out contiguously and known in
-    advance (no lists, no index loads). The numbers it computes are meaningless; its time is not, since the dense
-    path's time does not depend on the values. Survivor lists written by the sparse row's producers are ignored."""
+    configuration, with each program's rows scaled by keep: same grid) over only the first keep * K rows of the
+    weight and input, i.e. exactly the bytes a sparse GEMV at keep fraction must read, laid out contiguously and
+    known in advance (no lists, no index loads). The numbers it computes are meaningless; its time is not, since
+    the dense path's time does not depend on the values. Survivor lists written by the sparse row's producers are ignored."""
     def gemv(i, gname, g, x, lists=None, pdl=False):
         K, N = g.wt.shape
         cfg = kops.get_config(K, N, x.shape[0], True)
-        splits = math.ceil(K / cfg.kr)
-        kr = max(1, round(keep * cfg.kr))
-        rows = splits * kr
+        # whole 16-row multiples: run 48's 6937 rows for down lost Triton's divisibility specialisation (+6 us)
+        rows = min(K, 16 * round(keep * K / 16))
+        kr = max(8, 8 * round(keep * cfg.kr / 8))  # each program's share of rows, as a sparse GEMV's shrinks
         return launch_sparse_gemv(x[:, :rows], g.wt[:rows], g.t, g.widths, dense=True,
                                   config=dataclasses.replace(cfg, kr=kr, chunk=min(cfg.chunk, kr)), pdl=pdl)
     return gemv
@@ -206,7 +206,9 @@ def main(argv=None) -> None:
                          "'o=BLOCK_N,KR,BLOCK_K,WARPS,STAGES,SPLIT' (sparse list GEMV), 'd.o=...' (dense GEMV: a dense "
                          "row), 'sub.o=R' (sub-lists), "
                          "'sumsq=N' (the norm's first-launch block), 'nocap' (without sparse_gemv.CAP_CTAS), 'dense' "
-                         "(a dense row); several joined by ';'")
+                         "(a dense row), 'oracle=KEEP' (an oracle row, see --oracle, with this spec's 'd.' "
+                         "configurations); "
+                         "several joined by ';'")
     ap.add_argument("--oracle", default="",
                     help="more rows, e.g. '0.484,0.5': each layer GEMV replaced by the dense kernel over a contiguous "
                          "keep fraction of its rows (`oracle_gemv`), with the dense row's other kernels and with the "
@@ -243,11 +245,15 @@ def main(argv=None) -> None:
                      (f"uniform {a.level:.2f}, {mode} norm", True, None, mode, {}, None)]
     group_shape = engine_shapes(dec)
     uncapped = set()  # labels of the variants run without the CTA cap
+    oracles = {}  # label of an oracle row -> its keep fraction
     for spec in a.cfg:  # e.g. "o=64,512,32,4,8,1;qkv=128,512,64,4,5,1;sub.qkv=4", "d.down=64,2048,64,4,4,1"
-        over, sub, sumsq, dense, dense_row, nocap = {}, {}, None, False, False, False
+        over, sub, sumsq, dense, dense_row, nocap, oracle_keep = {}, {}, None, False, False, False, None
         for part in spec.split(";"):
             if part == "dense":  # a dense row with only the other settings of this spec (e.g. sumsq)
                 dense_row = True
+                continue
+            if part.startswith("oracle="):  # an oracle row (see `oracle_gemv`) with this spec's dense configurations
+                oracle_keep = float(part[7:])
                 continue
             if part == "nocap":  # the GEMVs without the PDL placement cap (sparse_gemv.CAP_CTAS)
                 nocap = True
@@ -262,11 +268,13 @@ def main(argv=None) -> None:
             dense = g.startswith("d.")  # a dense GEMV configuration: a dense row
             over[(g[2:] if dense else g, dense)] = config_from_spec(v, dense)
         sparse = not dense_row and (not over or any(not d for _, d in over))
-        variants.append((f"{f'uniform {a.level:.2f}' if sparse else 'dense'}, config {spec}", sparse,
-                         {**default_sub, **sub}, None, over, sumsq))
+        kind = f"oracle keep {oracle_keep:.3f}, {'sparse' if sparse else 'dense'} small kernels" if oracle_keep \
+            else f"uniform {a.level:.2f}" if sparse else "dense"
+        variants.append((f"{kind}, config {spec}", sparse, {**default_sub, **sub}, None, over, sumsq))
+        if oracle_keep:
+            oracles[variants[-1][0]] = oracle_keep
         if nocap:
             uncapped.add(variants[-1][0])
-    oracles = {}  # label -> keep fraction
     for keep in filter(None, a.oracle.split(",")):
         for sparse in (False, True):
             label = f"oracle keep {float(keep):.3f}, {'sparse' if sparse else 'dense'} small kernels"
