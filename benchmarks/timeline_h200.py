@@ -175,7 +175,8 @@ def oracle_gemv(keep: float):
     configuration, with each program's rows scaled by keep: same grid) over only the first keep * K rows of the
     weight and input, i.e. exactly the bytes a sparse GEMV at keep fraction must read, laid out contiguously and
     known in advance (no lists, no index loads). The numbers it computes are meaningless; its time is not, since
-    the dense path's time does not depend on the values. Survivor lists written by the sparse row's producers are ignored."""
+    the dense path's time does not depend on the values. Survivor lists written by the sparse row's producers are
+    ignored."""
     def gemv(i, gname, g, x, lists=None, pdl=False):
         K, N = g.wt.shape
         cfg = kops.get_config(K, N, x.shape[0], True)
