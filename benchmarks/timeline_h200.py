@@ -11,9 +11,7 @@ one replay) and timeline.md (per kernel kind: count per token, mean duration, me
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -23,8 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from wisparse.engine.bench import (_shape_dims, config_from_spec, engine_shapes, install_configs,  # noqa: E402
-                                   time_decode)
+from wisparse.engine.bench import (_shape_dims, bound_gemv, config_from_spec, engine_shapes,  # noqa: E402
+                                   install_configs, time_decode)
 from wisparse.engine.calibrate import calibrate, uniform_levels  # noqa: E402
 from wisparse.engine.generate import GraphGenerator  # noqa: E402
 from wisparse.engine import model as model_mod  # noqa: E402
@@ -32,7 +30,6 @@ from wisparse.engine.model import Decoder  # noqa: E402
 from wisparse.kernels import decode_ops as dops  # noqa: E402
 from wisparse.kernels import ops as kops  # noqa: E402
 from wisparse.kernels import sparse_gemv as sg  # noqa: E402
-from wisparse.kernels.sparse_gemv import launch_sparse_gemv  # noqa: E402
 
 GEMV_NAMES = ("_gemv_list_kernel", "_sparse_gemv_kernel", "_fused_mlp")
 
@@ -170,23 +167,6 @@ def print_trace(rows: list[dict]) -> None:
               f"{r['sms_used']:3.0f}/{r['programs_per_sm_max']:.0f}")
 
 
-def oracle_gemv(keep: float):
-    """A bound on any sparse GEMV in this loop, as a `Decoder._gemv` replacement: the dense kernel (its tuned
-    configuration, with each program's rows scaled by keep: same grid) over only the first keep * K rows of the
-    weight and input, i.e. exactly the bytes a sparse GEMV at keep fraction must read, laid out contiguously and
-    known in advance (no lists, no index loads). The numbers it computes are meaningless; its time is not, since
-    the dense path's time does not depend on the values. Survivor lists written by the sparse row's producers are
-    ignored."""
-    def gemv(i, gname, g, x, lists=None, pdl=False):
-        K, N = g.wt.shape
-        cfg = kops.get_config(K, N, x.shape[0], True)
-        # whole 16-row multiples: run 48's 6937 rows for down lost Triton's divisibility specialisation (+6 us)
-        rows = min(K, 16 * round(keep * K / 16))
-        kr = max(8, 8 * round(keep * cfg.kr / 8))  # each program's share of rows, as a sparse GEMV's shrinks
-        return launch_sparse_gemv(x[:, :rows], g.wt[:rows], g.t, g.widths, dense=True,
-                                  config=dataclasses.replace(cfg, kr=kr, chunk=min(cfg.chunk, kr)), pdl=pdl)
-    return gemv
-
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -212,8 +192,8 @@ def main(argv=None) -> None:
                          "several joined by ';'")
     ap.add_argument("--oracle", default="",
                     help="more rows, e.g. '0.484,0.5': each layer GEMV replaced by the dense kernel over a contiguous "
-                         "keep fraction of its rows (`oracle_gemv`), with the dense row's other kernels and with the "
-                         "sparse row's (list-writing) ones")
+                         "keep fraction of its rows (`bench.bound_gemv`), with the dense row's other kernels and "
+                         "with the sparse row's (list-writing) ones")
     ap.add_argument("--trace", action="store_true",
                     help="also per-program GEMV timestamps (globaltimer) of one traced step per variant")
     ap.add_argument("--out", required=True)
@@ -253,7 +233,7 @@ def main(argv=None) -> None:
             if part == "dense":  # a dense row with only the other settings of this spec (e.g. sumsq)
                 dense_row = True
                 continue
-            if part.startswith("oracle="):  # an oracle row (see `oracle_gemv`) with this spec's dense configurations
+            if part.startswith("oracle="):  # an oracle row (`bench.bound_gemv`) with this spec's dense configurations
                 oracle_keep = float(part[7:])
                 continue
             if part == "nocap":  # the GEMVs without the PDL placement cap (sparse_gemv.CAP_CTAS)
@@ -299,7 +279,7 @@ def main(argv=None) -> None:
             saved[(g, dense)] = kops.get_config(K, sum(widths), 1, dense)
             kops.set_config(K, sum(widths), 1, dense, cfg)
         if label in oracles:
-            dec._gemv = oracle_gemv(oracles[label])
+            dec._gemv = bound_gemv(oracles[label])
         gen.graph = None
         speed = time_decode(gen, prompt, 256, 2)
         toks = speed.pop("tokens")

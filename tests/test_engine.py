@@ -246,6 +246,13 @@ def test_bench_v4_rows_glue(monkeypatch):
     v4 = [r for r in rows if r.get("step") == "v4"]
     assert [r["config"] for r in v4] == ["v4 dense (triton)", "v4 uniform 0.50", "v4 uniform 0.50 no PDL"]
     assert all(r["tokens_identical_to_v3"] for r in v4)  # CPU: the same references
+    rows[1]["realised"] = {"weighted": 0.516}  # the metered realised sparsity of the 0.50 row (GPU runs measure it)
+    bench._bound_rows(dec, gen, prompt, 6, 1, "m", th, rows, lambda *a: None, errors)
+    assert errors == [] and "_gemv" not in vars(dec) and not dec.fused
+    bound = [r for r in rows if r.get("step") == "bound"]
+    assert [r["config"] for r in bound] == ["v4 bound: dense kernel on 0.484 of the rows, plain small kernels",
+                                            "v4 bound: dense kernel on 0.484 of the rows, list-writing small kernels"]
+    assert all(r["nominal"] == 0.5 and r["keep"] == pytest.approx(0.484) for r in bound)
     bench._v5_rows(dec, gen, prompt, 6, 1, "m", th, rows, lambda *a: None, errors)
     assert errors == [] and not dec.persistent_mlp
     v5 = [r for r in rows if r.get("step") == "v5"]
@@ -258,6 +265,46 @@ def test_bench_v4_rows_glue(monkeypatch):
     md = bench.markdown({"env": {"gpu": "cpu", "torch": "", "triton": "", "date_utc": ""}, "protocol": {}, **res})
     assert "## Version 4 step" in md and "| m | v4 uniform 0.50 no PDL |" in md
     assert "## Version 5 step" in md and "| m | v5 uniform 0.50 |" in md
+    assert "## The loop's bound" in md and "| m | v4 bound: dense kernel on 0.484 of the rows, plain small" in md
+
+
+def test_bound_gemv_reads_exactly_the_first_keep_fraction_of_rows():
+    """The bound rows' GEMV: partials summing to x[:, :rows] @ W[:rows] with rows = keep * K in whole 16s."""
+    from types import SimpleNamespace
+
+    from wisparse.engine.bench import bound_gemv
+
+    gen = torch.Generator().manual_seed(0)
+    K, widths = 448, [40, 24]
+    g = SimpleNamespace(wt=torch.randn(K, sum(widths), generator=gen), t=torch.rand(2, K, generator=gen),
+                        widths=widths)
+    x = torch.randn(3, K, generator=gen)
+    for keep, rows in ((0.484, 224), (0.5, 224), (0.3, 128), (1.0, K)):
+        p = bound_gemv(keep)(0, "o", g, x)
+        ref = x[:, :rows].double() @ g.wt[:rows].double()
+        assert (p.sum(0).double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+@pytest.mark.gpu
+def test_gpu_bound_gemv_scales_the_dense_configuration():
+    """On the GPU the bound's GEMV is the Triton dense kernel with each program's rows scaled by keep: the same
+    number of partials as the full matrix's configuration, summing to x[:, :rows] @ W[:rows]."""
+    from types import SimpleNamespace
+
+    from wisparse.engine.bench import bound_gemv
+    from wisparse.kernels import ops as kops
+    from wisparse.kernels.sparse_gemv import GemvConfig
+
+    K, N = 2048, 512
+    kops.set_config(K, N, 1, True, GemvConfig(block_n=64, kr=512, block_k=64, num_stages=3))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    g = SimpleNamespace(wt=torch.randn(K, N, device="cuda", generator=gen).bfloat16(),
+                        t=torch.zeros(1, K, device="cuda"), widths=[N])
+    x = torch.randn(1, K, device="cuda", generator=gen).bfloat16()
+    for pdl in (False, True):
+        p = bound_gemv(0.484)(0, "o", g, x, pdl=pdl)
+        ref = x[:, :992].double() @ g.wt[:992].double()
+        assert p.shape[0] == 4 and (p.sum(0).double() - ref).abs().max() < 1e-3 * ref.abs().max()
 
 
 def test_bench_sweep_survives_a_shape_where_every_config_fails(monkeypatch):

@@ -369,7 +369,7 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
         context_new_tokens: int = 64, runs: int = 3, sweep: bool = True, configs_path: str | None = None,
         budget_s: float = 480.0, out_json: str | None = None, out_md: str | None = None, sweep_models=None,
         v4: bool = True, resweep: tuple[str, ...] = (), kernel_table: bool = True, norm_compare: bool = False,
-        v5: bool = False, mlp_block: bool = False, log=print) -> dict:
+        v5: bool = False, mlp_block: bool = False, bound: bool = True, log=print) -> dict:
     import traceback
 
     import triton
@@ -494,7 +494,8 @@ def run(models=("llama-3.1-8b", "mistral-7b", "qwen2.5-7b"), batches=(1, 2, 4, 8
             res["errors"].append({"section": f"decode {name} B={bs} ctx={ctxs}", "error": "skipped: time budget"})
             continue
         section(f"decode {name} B={bs} ctx={ctxs}", _decode_model, res, mi, name, bs, lvs, nonu, ctxs, prompt_len,
-                new_tokens, context_new_tokens, runs, left, log, v4, save, mi == 0, norm_compare, v5 and v4)
+                new_tokens, context_new_tokens, runs, left, log, v4, save, mi == 0, norm_compare, v5 and v4,
+                bound and v4)
         torch.cuda.empty_cache()
     save()
     if main_thread:
@@ -780,6 +781,52 @@ def _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: li
         dec.fused, dec.pdl = False, True
 
 
+def bound_gemv(keep: float):
+    """The decode loop's bound for any sparse GEMV at keep fraction, as a `Decoder._gemv` replacement (benchmark rows
+    only): the dense kernel over only the first keep * K rows of each weight and input, i.e. exactly the bytes a
+    sparse GEMV must read, contiguous and known before the input arrives (no survivor lists, no index loads). On a
+    GPU its configuration is the tuned dense one with each program's rows scaled by keep (same grid; configurations
+    chosen for the smaller matrix gained nothing, run 49). Its values are meaningless, its time is not: the dense
+    path's time does not depend on the values. Survivor lists written by the producers are ignored."""
+    def gemv(i: int, gname: str, g, x: torch.Tensor, lists=None, pdl: bool = False) -> torch.Tensor:
+        K, N = g.wt.shape
+        # whole multiples of 16 rows: 6937 rows lost Triton's divisibility specialisation for down (+6 us, run 48)
+        rows = min(K, 16 * round(keep * K / 16))
+        if x.is_cuda and sg.HAVE_TRITON:
+            cfg = kops.get_config(K, N, x.shape[0], True)
+            kr = max(8, 8 * round(keep * cfg.kr / 8))
+            return launch_sparse_gemv(x[:, :rows], g.wt[:rows], g.t, g.widths, dense=True,
+                                      config=replace(cfg, kr=kr, chunk=min(cfg.chunk, kr)), pdl=pdl)
+        return torch.ops.wisparse.sparse_gemv(x[:, :rows].contiguous(), g.wt[:rows], g.t[:, :rows].contiguous(),
+                                              g.widths, True)
+    return gemv
+
+
+def _bound_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list) -> None:
+    """The loop's ceiling beside version 4's rows (batch 1): the version-4 step with every layer GEMV replaced by
+    `bound_gemv` at keep = 1 - the realised sparsity of uniform 0.50, with the dense step's small kernels and with
+    the sparse step's (which write survivor lists). What a sparse GEMV without any cost of its own would reach."""
+    ref = next((r for r in rows if r["config"] == "uniform 0.50" and isinstance(r.get("realised"), dict)), None)
+    if ref is None or ("uniform", 0.5) not in th:
+        return
+    keep = 1.0 - ref["realised"]["weighted"]
+    dec.backend, dec.fused, dec.pdl = "triton", True, True
+    dec.set_thresholds(th[("uniform", 0.5)])
+    dec._gemv = bound_gemv(keep)  # an instance attribute: the step's calls take it instead of the method
+    try:
+        for small, sparse in (("plain small kernels", False), ("list-writing small kernels", True)):
+            dec.sparse = sparse
+            label = f"v4 bound: dense kernel on {keep:.3f} of the rows, {small}"
+            r = _try_decode_rows(dec, gen, prompt, new_tokens, runs, name, label, log, errors)
+            if r is not None:
+                rows.append({"model": name, "B": 1, "ctx": prompt.shape[1], "config": label, "nominal": 0.5,
+                             "step": "bound", "keep": keep, **r})
+        _against_fastest_dense(rows)
+    finally:
+        del dec._gemv
+        dec.fused = False
+
+
 def _v5_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: list) -> None:
     """Version 5 (version 4 + the MLP in one persistent launch), batch 1: uniform 0.50, and every channel kept
     through the same listed path (thresholds 0: the kernels at 0%, a dense candidate by the issue's definition).
@@ -811,7 +858,7 @@ def _v5_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, errors: li
 
 def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_len, new_tokens, context_new_tokens,
                   runs, left, log, v4: bool = False, save=None, v4_no_pdl: bool = True,
-                  norm_compare: bool = False, v5: bool = True) -> None:
+                  norm_compare: bool = False, v5: bool = True, bound: bool = True) -> None:
     from .calibrate import calibrate, nonuniform_levels, uniform_levels, weighted_mean
     from .generate import GraphGenerator
     from .model import Decoder
@@ -860,6 +907,8 @@ def _decode_model(res, mi, name, batches, levels, nonuniform, contexts, prompt_l
                 _one_program_norm_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, dense_best)
             if v4 and B == 1 and left() >= 30:
                 _v4_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"], no_pdl=v4_no_pdl)
+                if bound and left() >= 30:
+                    _bound_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"])
                 if v5 and left() >= 30:
                     _v5_rows(dec, gen, prompt, new_tokens, runs, name, th, rows, log, res["errors"])
                 dense_best = max((r for r in rows if r["nominal"] == 0.0), key=lambda r: r["tok_s"])
@@ -926,6 +975,20 @@ def markdown(res: dict) -> str:
         L += [f"| {r['model']} | {r['config']} | {r['tok_s']:.1f} | {r.get('speedup_vs_v3', float('nan')):.3f} | "
               f"{r.get('speedup_vs_dense', r['tok_s'] / r['dense_tok_s']):.2f} | {r.get('tokens_identical_to_v3')} |"
               for r in v4]
+    bound = [r for r in res.get("decode", []) if r.get("step") == "bound"]
+    if bound:
+        L += ["", "## The loop's bound: version 4 with a sparse GEMV that costs nothing of its own (same run, batch 1)",
+              "", "Every layer GEMV replaced by the dense kernel over only the first keep = 1 - realised fraction of "
+              "its rows (`bench.bound_gemv`): the bytes a sparse GEMV must read, contiguous and known in advance. "
+              "'list-writing small kernels': the sparse step's producers still write their survivor lists. The "
+              "sparse row's tok/s as a fraction of each bound.", "",
+              "| model | config | tok/s | x dense | v4 uniform 0.50 / this |", "|---|---|---|---|---|"]
+        v4_sparse = {r["model"]: r for r in v4 if r["config"] == "v4 uniform 0.50"}
+        for r in bound:
+            ours = v4_sparse.get(r["model"])
+            frac = "" if ours is None else f"{ours['tok_s'] / r['tok_s']:.2f}"
+            L.append(f"| {r['model']} | {r['config']} | {r['tok_s']:.1f} | "
+                     f"{r.get('speedup_vs_dense', r['tok_s'] / r['dense_tok_s']):.2f} | {frac} |")
     v5 = [r for r in res.get("decode", []) if r.get("step") == "v5"]
     if v5:
         L += ["", "## Version 5 step (opt-in): version 4 with the MLP in one persistent launch (same run, batch 1)", "",
@@ -1010,6 +1073,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--v5", action="store_true",
                     help="add the version-5 rows (version 4 + the MLP in one persistent launch; batch 1; slower than "
                          "version 4 in runs 7-8)")
+    ap.add_argument("--no-bound", action="store_true",
+                    help="skip the bound rows (version 4 with each layer GEMV replaced by the dense kernel over only "
+                         "the surviving fraction of its rows, contiguous: what a cost-free sparse GEMV would reach)")
     ap.add_argument("--mlp-block", action="store_true",
                     help="add the MLP-block table (three launches against the persistent kernel)")
     ap.add_argument("--norm-compare", action="store_true",
@@ -1031,7 +1097,7 @@ def run_from_args(a) -> dict:
               sweep=not a.no_sweep, configs_path=a.configs, budget_s=a.budget_s,
               sweep_models=tuple(v for v in a.sweep_models.split(",") if v), v4=not a.no_v4,
               resweep=tuple(v for v in a.resweep.split(",") if v), kernel_table=not a.no_kernel_table,
-              norm_compare=a.norm_compare, v5=a.v5, mlp_block=a.mlp_block,
+              norm_compare=a.norm_compare, v5=a.v5, mlp_block=a.mlp_block, bound=not a.no_bound,
               out_json=a.out + ".json", out_md=a.out + ".md")
     print(markdown(res))
     return res
