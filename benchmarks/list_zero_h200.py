@@ -27,20 +27,23 @@ CANDIDATES = [  # (block_n, kr, block_k, warps, stages, dot, compact, prefetch, 
     [128, 4096, 64, 4, 5, True, False, False, True, 3],
     [64, 1024, 64, 4, 5, True, False, False, True, 1],
     [128, 512, 64, 4, 5, True, False, False, True, 1],
-    [256, 2048, 32, 4, 6, True, False, False, True, 2],
+    [256, 2048, 32, 4, 6, True, False, False, True, 2],  # 512-byte row pieces, as down's loop configuration
+    [256, 1024, 32, 4, 6, True, False, False, True, 1],
 ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default="", help="indices into CANDIDATES to time, e.g. '0,7' (default: all)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     K, N = 4096, 14336
-    rows = {"F.linear": []} | {f"{c} sp={sp}": [] for c in CANDIDATES for sp in (0.0, 0.5)}
+    cands = [CANDIDATES[int(i)] for i in a.only.split(",")] if a.only else CANDIDATES
+    rows = {"F.linear": []} | {f"{c} sp={sp}": [] for c in cands for sp in (0.0, 0.5)}
     for _ in range(a.rounds):
         rows["F.linear"].append(time_linear(K, N, 1)["us"])
-        for c in CANDIDATES:
+        for c in cands:
             for sp in (0.0, 0.5):
                 rows[f"{c} sp={sp}"].append(time_kernel(K, [N], 1, sp, kops.config_from_list(c), prelisted=True)["us"])
     lin = statistics.median(rows["F.linear"])
@@ -50,10 +53,11 @@ def main() -> None:
     with open(os.path.join(a.out, "list_zero.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(f"{out['gpu']}; F.linear {lin:.2f} us (rounds {', '.join(f'{x:.2f}' for x in rows['F.linear'])})")
-    for c in CANDIDATES:
+    for c in cands:
         z, h = out["median_us"][f"{c} sp=0.0"], out["median_us"][f"{c} sp=0.5"]
         print(f"{str(c):58s} 0%: {z:6.2f} us ({lin / z:.3f}x F.linear)  50%: {h:6.2f} us  "
-              f"rounds 0% {', '.join(f'{x:.2f}' for x in rows[f'{c} sp=0.0'])}")
+              f"rounds 0% {', '.join(f'{x:.2f}' for x in rows[f'{c} sp=0.0'])}; "
+              f"50% {', '.join(f'{x:.2f}' for x in rows[f'{c} sp=0.5'])}")
 
 
 if __name__ == "__main__":
