@@ -41,6 +41,7 @@ LOOP_TUNED = {
     "4096x4096x1|1|1": (f"{LOOP} 7", [64, 1024, 64, 4, 4, True, False, False]),  # o: run 10 had 64, 512, 64, 4, 4
 }
 
+
 def main() -> None:
     with open(SOURCE) as f:
         run10 = json.load(f)
