@@ -167,7 +167,6 @@ def print_trace(rows: list[dict]) -> None:
               f"{r['sms_used']:3.0f}/{r['programs_per_sm_max']:.0f}")
 
 
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b")
